@@ -1,0 +1,22 @@
+"""onepass: everything an RL / distillation trainer computes over the vocabulary, in one pass.
+
+Public API (../shared/API.md): token log-probs and entropy, KL to a reference, f-divergences, Sinkhorn
+distances, group advantages and fused GRPO / OPD losses; ``onepass.nn`` holds module wrappers.
+Importing onepass never initializes CUDA.
+"""
+from ._dispatch import available_backends
+from .divergence import divergence, linear_divergence
+from .kl import kl_penalty, linear_policy_ref_stats
+from .logprobs import linear_token_logprobs, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "divergence",
+    "kl_penalty",
+    "linear_divergence",
+    "linear_policy_ref_stats",
+    "linear_token_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,247 @@
+"""The vocab-stats custom ops: one registration serves every vocabulary op (docs/vocab_stats.md).
+
+- ``onepass::vocab_stats`` (logits [N, V] in) and ``onepass::linear_vocab_stats`` (hidden [N, D] and
+  an LM-head weight [V, D] in): per-row stats [N, 8]; their ``*_backward`` ops map the upstream
+  gradients of the differentiable columns (logp_a, logp_b, entropy, divergence) to the inputs.
+- Each is a ``torch.library.custom_op`` with a fake (meta) implementation and ``register_autograd``,
+  so ``torch.compile(fullgraph=True)`` traces through them.
+
+The fused-linear path of the ``cpu`` and ``cuda`` backends is chunked over rows: a chunk's logits are
+computed by a matrix product and streamed through the logits kernel; the ``triton`` backend computes
+them tile by tile inside its kernel.  In the backward every backend turns a chunk of rows into
+dL/dlogits (the only [rows, V] buffer, bounded by ``CHUNK_BYTES``) and applies it to the hidden states
+and the weight with matrix products: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: Differentiable stats columns and their positions in the [N, 4] upstream-gradient array.
+STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV = 2, 3, 4, 5
+GRAD_COLUMNS = (STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV)
+
+#: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient).
+CHUNK_BYTES = 32 * 1024 * 1024
+
+_LAUNCHERS = {
+    "triton": "onepass.triton_kernels.vocab_stats",
+    "cpu": "onepass.backends.cpu",
+    "cuda": "onepass.backends.cuda",
+}
+
+
+def launcher(backend: str):
+    return importlib.import_module(_LAUNCHERS[backend])
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(v: int, itemsize: int) -> int:
+    return max(16, CHUNK_BYTES // max(1, v * max(itemsize, 4)))
+
+
+def _upstream(g_stats: Tensor) -> Tensor:
+    return g_stats[:, list(GRAD_COLUMNS)].contiguous()
+
+
+def _empty(x: Tensor) -> Tensor:
+    return x.new_empty((0,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logits input.
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("onepass::vocab_stats", mutates_args=())
+def vocab_stats(a: Tensor, b: Optional[Tensor], targets: Optional[Tensor], inv_temp: float, kind: int,
+                beta: float, alpha: float, need_entropy: bool, backend: str) -> Tensor:
+    """Per-row stats [N, 8] of logits a [N, V] (and b [N, V]); columns as in docs/vocab_stats.md."""
+    return launcher(backend).vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy)
+
+
+@vocab_stats.register_fake
+def _(a, b, targets, inv_temp, kind, beta, alpha, need_entropy, backend):
+    return a.new_empty((a.shape[0], 8), dtype=stats_dtype(a))
+
+
+@torch.library.custom_op("onepass::vocab_stats_backward", mutates_args=())
+def vocab_stats_backward(a: Tensor, b: Optional[Tensor], targets: Optional[Tensor], stats: Tensor, grads: Tensor,
+                         inv_temp: float, kind: int, beta: float, alpha: float, need_a: bool, need_b: bool,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """(dL/da, dL/db) from stats [N, 8] and upstream grads [N, 4]; an absent gradient is an empty tensor."""
+    ga, gb = launcher(backend).vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha,
+                                               need_a, need_b and b is not None)
+    return (ga if ga is not None else _empty(a)), (gb if gb is not None else _empty(a))
+
+
+@vocab_stats_backward.register_fake
+def _(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_a, need_b, backend):
+    ga = torch.empty_like(a) if need_a else _empty(a)
+    gb = torch.empty_like(b) if (need_b and b is not None) else _empty(a)
+    return ga, gb
+
+
+def _vocab_stats_setup(ctx, inputs, output):
+    a, b, targets, inv_temp, kind, beta, alpha, _need_entropy, backend = inputs
+    ctx.save_for_backward(a, b, targets, output)
+    ctx.params = (inv_temp, kind, beta, alpha, backend)
+
+
+def _vocab_stats_bwd(ctx, g_stats):
+    a, b, targets, stats = ctx.saved_tensors
+    inv_temp, kind, beta, alpha, backend = ctx.params
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ga, gb = vocab_stats_backward(a, b, targets, stats, _upstream(g_stats), inv_temp, kind, beta, alpha,
+                                  need_a, need_b, backend)
+    return (ga if need_a else None), (gb if need_b else None), None, None, None, None, None, None, None
+
+
+vocab_stats.register_autograd(_vocab_stats_bwd, setup_context=_vocab_stats_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused linear (hidden @ weight.T + bias).
+# ------------------------------------------------------------------------------------------------
+def _chunk_logits(h: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return h @ w.T if bias is None else torch.addmm(bias, h, w.T)
+
+
+def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+                         need_entropy) -> Tensor:
+    """Stats [N, 8] of the logits ha @ wa.T (+ bias_a), with hb/wb/bias_b the second model."""
+    mod = launcher(backend)
+    if backend == "triton":
+        return mod.linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+                                          need_entropy)
+    n, v = ha.shape[0], wa.shape[0]
+    stats = ha.new_zeros((n, 8), dtype=stats_dtype(ha))
+    step = _rows_per_chunk(v, ha.element_size())
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a = _chunk_logits(ha[s:e], wa, bias_a)
+        b = _chunk_logits(hb[s:e], wb, bias_b) if hb is not None else None
+        t = targets[s:e] if targets is not None else None
+        stats[s:e] = mod.vocab_stats_fwd(a, b, t, inv_temp, kind, beta, alpha, need_entropy)
+    return stats
+
+
+def grad_logits_chunk(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
+                      alpha, need_a, need_b, logits=None):
+    """dL/dlogits of a chunk of rows ([rows, V] each, or None).  ``logits`` = (a, b) reuses logits the
+    caller already holds instead of recomputing them."""
+    mod = launcher(backend)
+    if backend == "triton" and logits is None:
+        return mod.linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+                                            beta, alpha, need_a, need_b)
+    if logits is None:
+        logits = (_chunk_logits(ha, wa, bias_a), _chunk_logits(hb, wb, bias_b) if hb is not None else None)
+    return mod.vocab_stats_bwd(logits[0], logits[1], targets, stats, grads, inv_temp, kind, beta, alpha,
+                               need_a, need_b and hb is not None)
+
+
+class LinearGradAccumulator:
+    """Accumulates d(hidden), d(weight), d(bias) of one model from chunks of dL/dlogits.
+
+    d(weight) and d(bias) are summed in fp32 (the weight's dtype for fp64) and cast at the end."""
+
+    def __init__(self, h: Tensor, w: Tensor, bias: Optional[Tensor], need_h: bool, need_w: bool, need_bias: bool):
+        acc = stats_dtype(w)
+        self.h, self.w = h, w
+        self.dh = torch.empty_like(h) if need_h else None
+        self.dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        self.dbias = torch.zeros(bias.shape, dtype=acc, device=w.device) if (need_bias and bias is not None) else None
+
+    def add(self, s: int, e: int, dz: Optional[Tensor]) -> None:
+        if dz is None:
+            return
+        if self.dh is not None:
+            torch.mm(dz, self.w, out=self.dh[s:e])
+        if self.dw is not None:
+            self.dw.addmm_(dz.T.to(self.dw.dtype), self.h[s:e].to(self.dw.dtype))
+        if self.dbias is not None:
+            self.dbias += dz.sum(0, dtype=self.dbias.dtype)
+
+    def result(self, w: Tensor, bias: Optional[Tensor]):
+        dw = self.dw.to(w.dtype) if self.dw is not None else None
+        db = self.dbias.to(bias.dtype) if self.dbias is not None else None
+        return self.dh, dw, db
+
+
+def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
+                          alpha, needs):
+    """Gradients (dha, dwa, dbias_a, dhb, dwb, dbias_b) from upstream grads [N, 4]; ``needs`` is the
+    6-tuple of which are wanted (absent ones are None)."""
+    n, v = ha.shape[0], wa.shape[0]
+    acc_a = LinearGradAccumulator(ha, wa, bias_a, *needs[0:3])
+    acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
+    need_a = any(needs[0:3])
+    need_b = hb is not None and any(needs[3:6])
+    step = _rows_per_chunk(v, ha.element_size())
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        dza, dzb = grad_logits_chunk(
+            backend, ha[s:e], wa, bias_a, hb[s:e] if hb is not None else None, wb, bias_b,
+            targets[s:e] if targets is not None else None, stats[s:e], grads[s:e], inv_temp, kind, beta, alpha,
+            need_a, need_b)
+        acc_a.add(s, e, dza)
+        if acc_b is not None:
+            acc_b.add(s, e, dzb)
+    out_a = acc_a.result(wa, bias_a)
+    out_b = acc_b.result(wb, bias_b) if acc_b is not None else (None, None, None)
+    return (*out_a, *out_b)
+
+
+@torch.library.custom_op("onepass::linear_vocab_stats", mutates_args=())
+def linear_vocab_stats(ha: Tensor, wa: Tensor, bias_a: Optional[Tensor], hb: Optional[Tensor], wb: Optional[Tensor],
+                       bias_b: Optional[Tensor], targets: Optional[Tensor], inv_temp: float, kind: int, beta: float,
+                       alpha: float, need_entropy: bool, backend: str) -> Tensor:
+    """Per-row stats [N, 8] of logits ha @ wa.T (+ bias_a) (and the second model), never materialized
+    beyond one tile (triton) or one chunk of rows (cpu, cuda)."""
+    return linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+                                need_entropy)
+
+
+@linear_vocab_stats.register_fake
+def _(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy, backend):
+    return ha.new_empty((ha.shape[0], 8), dtype=stats_dtype(ha))
+
+
+@torch.library.custom_op("onepass::linear_vocab_stats_backward", mutates_args=())
+def linear_vocab_stats_backward(ha: Tensor, wa: Tensor, bias_a: Optional[Tensor], hb: Optional[Tensor],
+                                wb: Optional[Tensor], bias_b: Optional[Tensor], targets: Optional[Tensor],
+                                stats: Tensor, grads: Tensor, inv_temp: float, kind: int, beta: float, alpha: float,
+                                needs: list[bool], backend: str) -> list[Tensor]:
+    """[dha, dwa, dbias_a, dhb, dwb, dbias_b]; an absent gradient is an empty tensor."""
+    outs = linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+                                 beta, alpha, tuple(needs))
+    return [o if o is not None else _empty(ha) for o in outs]
+
+
+@linear_vocab_stats_backward.register_fake
+def _(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha, needs, backend):
+    like = (ha, wa, bias_a, hb, wb, bias_b)
+    return [torch.empty_like(t) if (need and t is not None) else _empty(ha) for need, t in zip(needs, like)]
+
+
+def _linear_setup(ctx, inputs, output):
+    ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, _need_entropy, backend = inputs
+    ctx.save_for_backward(ha, wa, bias_a, hb, wb, bias_b, targets, output)
+    ctx.params = (inv_temp, kind, beta, alpha, backend)
+
+
+def _linear_bwd(ctx, g_stats):
+    ha, wa, bias_a, hb, wb, bias_b, targets, stats = ctx.saved_tensors
+    inv_temp, kind, beta, alpha, backend = ctx.params
+    needs = [bool(ctx.needs_input_grad[i]) for i in range(6)]
+    outs = linear_vocab_stats_backward(ha, wa, bias_a, hb, wb, bias_b, targets, stats, _upstream(g_stats), inv_temp,
+                                       kind, beta, alpha, needs, backend)
+    grads = [o if need else None for o, need in zip(outs, needs)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+linear_vocab_stats.register_autograd(_linear_bwd, setup_context=_linear_setup)

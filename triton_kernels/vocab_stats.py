@@ -1,0 +1,435 @@
+"""Triton vocab-stats kernels: the one streaming mechanism of onepass (docs/vocab_stats.md).
+
+One tile producer (`_logit_tile`) yields a [BLOCK_N, BLOCK_V] tile of scaled logits either loaded
+from a logits tensor or computed as hidden @ weight.T (+ bias) with `tl.dot` over D (the logits then
+exist only as that tile).  On top of it:
+
+- `_vocab_stats_fwd_kernel`: per block of rows, an online (running-max) sweep over the vocabulary of
+  one or two models -> lse, target log-probs, entropy, the KL accumulators; a second sweep only for
+  the divergence kinds that need both normalizers first (jsd, tv, hellinger, chi2, alpha).
+- `_vocab_grad_kernel`: a 2-D grid over (row block, vocab block) that recomputes the tile and writes
+  dL/dlogits from the per-row stats and upstream gradients.
+
+Continuous hyperparameters (inverse temperature, beta, alpha) are runtime arguments; only structural
+switches are `tl.constexpr`.  No autotuning: block sizes are picked by the launchers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_STATS = 8
+NUM_GRADS = 4
+NEG_INF = float("-inf")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Accurate elementary functions (no libdevice: it is unavailable under the interpreter).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _expm1(x):
+    # Kahan: exact at 0, a few ulps elsewhere; expm1(-inf) = -1, expm1(inf) = inf.
+    u = tl.exp(x)
+    um1 = u - 1.0
+    r = um1 * x / tl.log(u)
+    r = tl.where(um1 == -1.0, -1.0, r)
+    r = tl.where(u == float("inf"), float("inf"), r)
+    return tl.where(u == 1.0, x, r)
+
+
+@triton.jit
+def _log1p(x):
+    u = 1.0 + x
+    r = tl.log(u) * x / (u - 1.0)
+    r = tl.where(u == float("inf"), float("inf"), r)
+    return tl.where(u == 1.0, x, r)
+
+
+@triton.jit
+def _g(base, x, c):
+    """base * (exp(c x) - 1) / c, = base * x at c = 0, = 0 where base = 0."""
+    t = c * x
+    safe_c = tl.where(c == 0.0, 1.0, c)
+    r = base * _expm1(t) / safe_c
+    r = tl.where(c == 0.0, base * x, r)
+    return tl.where(base == 0.0, 0.0, r)
+
+
+@triton.jit
+def _j(x, w):
+    """log(w exp(x) + 1 - w) for 0 < w < 1, exact 0 at x = 0, no overflow for large x."""
+    small = _log1p(w * _expm1(tl.minimum(x, 0.0)))
+    xp = tl.maximum(x, 0.0)
+    large = xp + tl.log(w) + _log1p((1.0 - w) / w * tl.exp(-xp))
+    return tl.where(x <= 0.0, small, large)
+
+
+@triton.jit
+def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
+    """(phi, phi_a, phi_b) of docs/vocab_stats.md for one tile; 0 where p = q = 0."""
+    zero = tl.zeros_like(p)
+    if KIND == 1:  # reverse KL
+        d = tl.where(p > 0.0, p * (la - lb), zero)
+        phi = d
+        phi_a = d
+        phi_b = q - p
+    elif KIND == 2:  # forward KL
+        d = tl.where(q > 0.0, q * (lb - la), zero)
+        phi = d
+        phi_a = p - q
+        phi_b = d
+    elif KIND == 3:  # generalized JSD
+        d_a = -_j(lb - la, beta)
+        d_b = -_j(la - lb, 1.0 - beta)
+        phi_a = tl.where(p > 0.0, (1.0 - beta) * p * d_a, zero)
+        phi_b = tl.where(q > 0.0, beta * q * d_b, zero)
+        phi = phi_a + phi_b
+    elif KIND == 4:  # total variation
+        sgn = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        phi = 0.5 * tl.abs(p - q)
+        phi_a = 0.5 * sgn * p
+        phi_b = -0.5 * sgn * q
+    elif KIND == 5:  # squared Hellinger
+        ea = _expm1(0.5 * (lb - la))
+        eb = _expm1(0.5 * (la - lb))
+        phi = tl.where(p >= q, p * ea * ea, q * eb * eb)
+        phi = tl.where((p == 0.0) & (q == 0.0), zero, phi)
+        phi_a = tl.where(p > 0.0, -p * ea, zero)
+        phi_b = tl.where(q > 0.0, -q * eb, zero)
+    elif KIND == 6:  # Pearson chi^2
+        e = _expm1(la - lb)
+        inf = float("inf")
+        phi = tl.where(q > 0.0, q * e * e, tl.where(p > 0.0, inf, zero))
+        phi_a = tl.where(q > 0.0, 2.0 * p * e, tl.where(p > 0.0, inf, zero))
+        phi_b = tl.where(q > 0.0, -(p + q) * e, tl.where(p > 0.0, -inf, zero))
+    else:  # KIND == 7: Amari alpha
+        ga = _g(p, lb - la, 1.0 - alpha)
+        gb = _g(q, la - lb, alpha)
+        hi = -(ga + p - q) / alpha
+        lo = (gb - p + q) / (alpha - 1.0)
+        phi = tl.where(alpha >= 0.5, hi, lo)
+        phi = tl.where((p == 0.0) & (q == 0.0), zero, phi)
+        phi_a = -ga
+        phi_b = -gb
+    return phi, phi_a, phi_b
+
+
+# ----------------------------------------------------------------------------------------------
+# The tile producer.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _logit_tile(X, H, W, BIAS, rows, cols, row_mask, col_mask, stride_x, D, inv_temp,
+                LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scaled logits z[rows, cols] * inv_temp as fp32 [BLOCK_N, BLOCK_V]; -inf outside the vocab."""
+    if LINEAR:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for k in range(0, D, BLOCK_D):
+            ks = k + tl.arange(0, BLOCK_D)
+            kmask = ks < D
+            h = tl.load(H + rows[:, None] * D + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(W + cols[None, :] * D + ks[:, None], mask=col_mask[None, :] & kmask[:, None], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        acc = tl.load(X + rows[:, None] * stride_x + cols[None, :],
+                      mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    acc = acc * inv_temp
+    return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _online(m, s, x):
+    """Fold tile x [BN, BV] into the running (max, sum-exp); returns new m, s, the rescale factor of
+    old accumulators and exp(x - m_new) (0 at -inf entries, never NaN from -inf - -inf)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    s = s * scale + tl.sum(e, 1)
+    return m_new, s, scale, e
+
+
+@triton.jit
+def _lse(m, s):
+    return tl.where(m == float("-inf"), m, m + tl.log(s))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: per-row stats.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _vocab_stats_fwd_kernel(
+    A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS,
+    N, V, D, DB, stride_a, stride_b, inv_temp, beta, alpha,
+    LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+    HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    if HAS_T:
+        y = tl.load(TGT + rows, mask=row_mask, other=-1)
+        live = row_mask & (y >= 0)
+    else:
+        y = tl.full((BLOCK_N,), -1, tl.int64)
+        live = row_mask
+    zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_a = zeros + float("-inf")
+    s_a = zeros
+    t_a = zeros
+    y_a = zeros
+    m_b = zeros + float("-inf")
+    s_b = zeros
+    y_b = zeros
+    k = zeros
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        a = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
+                        LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
+        m_a, s_a, scale_a, e_a = _online(m_a, s_a, a)
+        hit = cols[None, :] == y[:, None]
+        y_a += tl.sum(tl.where(hit, a, 0.0), 1)
+        if NEED_ENT:
+            t_a = t_a * scale_a + tl.sum(tl.where(e_a > 0.0, e_a * a, 0.0), 1)
+        if HAS_B:
+            b = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
+                            LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
+            m_b, s_b, scale_b, e_b = _online(m_b, s_b, b)
+            y_b += tl.sum(tl.where(hit, b, 0.0), 1)
+            if KIND == 1:
+                k = k * scale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), 1)
+            if KIND == 2:
+                k = k * scale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), 1)
+    lse_a = _lse(m_a, s_a)
+    lse_b = _lse(m_b, s_b)
+    ent = lse_a - t_a / s_a
+    div = zeros
+    sum_a = zeros
+    sum_b = zeros
+    if KIND == 1:
+        div = k / s_a - lse_a + lse_b
+        sum_a = div
+    if KIND == 2:
+        div = k / s_b - lse_b + lse_a
+        sum_b = div
+    if KIND >= 3:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_mask = cols < V
+            la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
+                             LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
+            lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
+                             LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
+            phi, phi_a, phi_b = _phi(la, lb, tl.exp(la), tl.exp(lb), beta, alpha, KIND)
+            div += tl.sum(phi, 1)
+            sum_a += tl.sum(phi_a, 1)
+            sum_b += tl.sum(phi_b, 1)
+    out = STATS + rows * 8
+    tl.store(out + 0, tl.where(live, lse_a, 0.0), mask=row_mask)
+    tl.store(out + 1, tl.where(live, lse_b, 0.0), mask=row_mask)
+    if HAS_T:
+        tl.store(out + 2, tl.where(live, y_a - lse_a, 0.0), mask=row_mask)
+        tl.store(out + 3, tl.where(live, y_b - lse_b, 0.0), mask=row_mask)
+    else:
+        tl.store(out + 2, zeros, mask=row_mask)
+        tl.store(out + 3, zeros, mask=row_mask)
+    tl.store(out + 4, tl.where(live, ent, 0.0), mask=row_mask)
+    tl.store(out + 5, tl.where(live, div, 0.0), mask=row_mask)
+    tl.store(out + 6, tl.where(live, sum_a, 0.0), mask=row_mask)
+    tl.store(out + 7, tl.where(live, sum_b, 0.0), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dL/dlogits, one recompute of each tile.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _vocab_grad_kernel(
+    A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS, GRADS, GA, GB,
+    N, V, D, DB, stride_a, stride_b, stride_ga, stride_gb, inv_temp, beta, alpha,
+    LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+    HAS_T: tl.constexpr, KIND: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < V
+    if HAS_T:
+        y = tl.load(TGT + rows, mask=row_mask, other=-1)
+        live = row_mask & (y >= 0)
+    else:
+        y = tl.full((BLOCK_N,), -1, tl.int64)
+        live = row_mask
+    st = STATS + rows * 8
+    gr = GRADS + rows * 4
+    lse_a = tl.load(st + 0, mask=live, other=0.0)
+    ent = tl.load(st + 4, mask=live, other=0.0)
+    s_a = tl.load(st + 6, mask=live, other=0.0)
+    g_la = tl.load(gr + 0, mask=live, other=0.0)
+    g_lb = tl.load(gr + 1, mask=live, other=0.0)
+    g_h = tl.load(gr + 2, mask=live, other=0.0)
+    g_d = tl.load(gr + 3, mask=live, other=0.0)
+    hit = cols[None, :] == y[:, None]
+    la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
+                     LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
+    p = tl.exp(la)
+    p_la_h = tl.where(p > 0.0, p * (la + ent[:, None]), 0.0)
+    d_a = g_la[:, None] * (tl.where(hit, 1.0, 0.0) - p) - g_h[:, None] * p_la_h
+    if HAS_B:
+        lse_b = tl.load(st + 1, mask=live, other=0.0)
+        s_b = tl.load(st + 7, mask=live, other=0.0)
+        lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
+                         LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
+        q = tl.exp(lb)
+        d_b = g_lb[:, None] * (tl.where(hit, 1.0, 0.0) - q)
+        if KIND > 0:
+            phi, phi_a, phi_b = _phi(la, lb, p, q, beta, alpha, KIND)
+            d_a += g_d[:, None] * (phi_a - p * s_a[:, None])
+            d_b += g_d[:, None] * (phi_b - q * s_b[:, None])
+        if WRITE_B:
+            d_b = tl.where(live[:, None], d_b * inv_temp, 0.0)
+            tl.store(GB + rows[:, None] * stride_gb + cols[None, :], d_b.to(GB.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+    if WRITE_A:
+        d_a = tl.where(live[:, None], d_a * inv_temp, 0.0)
+        tl.store(GA + rows[:, None] * stride_ga + cols[None, :], d_a.to(GA.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (docs/vocab_stats.md signatures).
+# ----------------------------------------------------------------------------------------------
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype == torch.float64:
+        raise TypeError("the triton backend takes float32/float16/bfloat16 tensors; use backend='cpu' or "
+                        "'torch' for float64")
+
+
+def _blocks_logits(n: int, v: int) -> tuple[int, int]:
+    cap = 1024 if _interpreting() else 4096
+    block_v = min(triton.next_power_of_2(max(v, 1)), cap)
+    block_n = max(1, min(16, cap // block_v))
+    return block_n, block_v
+
+
+def _blocks_linear(d: int) -> tuple[int, int, int]:
+    if _interpreting():
+        return 16, 64, min(64, max(16, triton.next_power_of_2(d)))
+    return 64, 128, 64
+
+
+def _empty_stats(n: int, device) -> torch.Tensor:
+    return torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
+
+
+def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
+    """Per-row stats [N, 8] fp32 of logits a [N, V] (and b [N, V]); see docs/vocab_stats.md."""
+    _check_dtype(a)
+    n, v = a.shape
+    stats = _empty_stats(n, a.device)
+    if n == 0:
+        return stats
+    block_n, block_v = _blocks_logits(n, v)
+    dummy = a
+    _vocab_stats_fwd_kernel[(triton.cdiv(n, block_n),)](
+        a, b if b is not None else dummy, dummy, dummy, dummy, dummy, dummy, dummy,
+        targets if targets is not None else dummy, stats,
+        n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0, float(inv_temp), float(beta), float(alpha),
+        LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
+        KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=True,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16,
+    )
+    return stats
+
+
+def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
+    """(dL/da, dL/db) [N, V] in the input dtype from stats [N, 8] and upstream grads [N, 4]."""
+    n, v = a.shape
+    ga = torch.empty_like(a) if need_grad_a else None
+    gb = torch.empty_like(b) if (need_grad_b and b is not None) else None
+    if n == 0 or (ga is None and gb is None):
+        return ga, gb
+    block_n, block_v = _blocks_logits(n, v)
+    dummy = a
+    _vocab_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
+        a, b if b is not None else dummy, dummy, dummy, dummy, dummy, dummy, dummy,
+        targets if targets is not None else dummy, stats, grads,
+        ga if ga is not None else dummy, gb if gb is not None else dummy,
+        n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0,
+        ga.stride(0) if ga is not None else 0, gb.stride(0) if gb is not None else 0,
+        float(inv_temp), float(beta), float(alpha),
+        LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
+        KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None, DOT_F32=True,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16,
+    )
+    return ga, gb
+
+
+def _dot_f32(h: torch.Tensor) -> bool:
+    # fp32 operands: exact IEEE products (TF32 would change the numbers); in the interpreter every
+    # dot runs in fp32 since bf16 tl.dot is broken there (DESIGN.md §4).
+    return h.dtype == torch.float32 or _interpreting()
+
+
+def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy):
+    """Per-row stats [N, 8] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored."""
+    _check_dtype(ha)
+    n, d = ha.shape
+    v = wa.shape[0]
+    stats = _empty_stats(n, ha.device)
+    if n == 0:
+        return stats
+    block_n, block_v, block_d = _blocks_linear(d)
+    dummy = ha
+    two = hb is not None
+    _vocab_stats_fwd_kernel[(triton.cdiv(n, block_n),)](
+        dummy, dummy, ha, wa, bias_a if bias_a is not None else dummy,
+        hb if two else dummy, wb if two else dummy, bias_b if bias_b is not None else dummy,
+        targets if targets is not None else dummy, stats,
+        n, v, d, hb.shape[1] if two else 0, 0, 0, float(inv_temp), float(beta), float(alpha),
+        LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
+        HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=_dot_f32(ha),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+    )
+    return stats
+
+
+def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
+                             alpha, need_grad_a, need_grad_b):
+    """dL/dlogits for a block of rows, recomputed tile by tile from hidden @ weight.T: the chunk-sized
+    gradient buffers are the only [rows, V] memory (the logits are never stored)."""
+    n, d = ha.shape
+    v = wa.shape[0]
+    two = hb is not None
+    ga = torch.empty((n, v), dtype=ha.dtype, device=ha.device) if need_grad_a else None
+    gb = torch.empty((n, v), dtype=hb.dtype, device=hb.device) if (need_grad_b and two) else None
+    if n == 0 or (ga is None and gb is None):
+        return ga, gb
+    block_n, block_v, block_d = _blocks_linear(d)
+    dummy = ha
+    _vocab_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
+        dummy, dummy, ha, wa, bias_a if bias_a is not None else dummy,
+        hb if two else dummy, wb if two else dummy, bias_b if bias_b is not None else dummy,
+        targets if targets is not None else dummy, stats, grads,
+        ga if ga is not None else dummy, gb if gb is not None else dummy,
+        n, v, d, hb.shape[1] if two else 0, 0, 0, ga.stride(0) if ga is not None else 0, gb.stride(0) if gb is not None else 0,
+        float(inv_temp), float(beta), float(alpha),
+        LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
+        HAS_T=targets is not None, KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None,
+        DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+    )
+    return ga, gb
