@@ -48,7 +48,7 @@ setup(
     version="0.1.0",
     description="Fused one-pass-over-the-vocabulary kernels for RL and distillation post-training",
     package_dir={"onepass": "python/onepass", "onepass.triton_kernels": "triton_kernels"},
-    packages=["onepass", "onepass.backends", "onepass.bench", "onepass.triton_kernels"],
+    packages=["onepass", "onepass.backends", "onepass.bench", "onepass.reference", "onepass.triton_kernels"],
     ext_modules=[CMakeExtension("onepass._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

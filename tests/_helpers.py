@@ -44,8 +44,10 @@ def interpreted(backend: str, device: str) -> bool:
 def max_err(x: torch.Tensor, truth: torch.Tensor, strict: bool = True) -> float:
     """Max |x − truth| over finite reference entries; ``strict``: x must be non-finite exactly where the
     reference is (same sign of infinity)."""
+    out_dtype = x.dtype
     x, truth = x.detach().double().cpu(), truth.detach().double().cpu()
     assert x.shape == truth.shape, f"shape {tuple(x.shape)} != reference {tuple(truth.shape)}"
+    truth = truth.to(out_dtype).double()  # a value beyond the output dtype's range is rightly inf there
     finite = torch.isfinite(truth)
     if strict:
         assert torch.equal(torch.isfinite(x), finite), "non-finite entries differ from the reference"
@@ -57,8 +59,12 @@ def max_err(x: torch.Tensor, truth: torch.Tensor, strict: bool = True) -> float:
 
 
 def assert_tolerance(out, truth, naive, dtype, what="", scale=1.0):
-    """err(out) ≤ 2·err(naive same-dtype) + floor·scale."""
+    """err(out) ≤ 2·err(naive same-dtype) + floor·scale; an output stored in bf16/fp16 (gradients)
+    may also be off by one unit in the last place at the largest reference magnitude."""
     err = max_err(out, truth)
     naive_err = max_err(naive, truth, strict=False) if naive is not None else 0.0
     bound = 2 * naive_err + FLOOR[dtype] * scale
+    if out.dtype in (torch.bfloat16, torch.float16):
+        finite = truth[torch.isfinite(truth)]
+        bound += torch.finfo(out.dtype).eps * (finite.abs().max().item() if finite.numel() else 0.0)
     assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (naive {naive_err:.3e})"

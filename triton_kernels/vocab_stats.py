@@ -53,13 +53,15 @@ def _log1p(x):
 
 
 @triton.jit
-def _g(base, x, c):
-    """base * (exp(c x) - 1) / c, = base * x at c = 0, = 0 where base = 0."""
+def _g(base, lbase, x, c):
+    """base·(exp(c x) − 1)/c with base = exp(lbase); = base·x at c = 0, = 0 where lbase = −inf (not
+    where base merely underflows: exp(lbase + c x) may still be large).  For c·x > 1
+    it is (exp(lbase + c x) − base)/c: no cancellation there, and no inf·tiny where exp(c x) overflows."""
     t = c * x
     safe_c = tl.where(c == 0.0, 1.0, c)
-    r = base * _expm1(t) / safe_c
+    r = tl.where(t > 1.0, tl.exp(lbase + t) - base, base * _expm1(t)) / safe_c
     r = tl.where(c == 0.0, base * x, r)
-    return tl.where(base == 0.0, 0.0, r)
+    return tl.where(lbase == float("-inf"), 0.0, r)
 
 
 @triton.jit
@@ -99,19 +101,29 @@ def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
     elif KIND == 5:  # squared Hellinger
         ea = _expm1(0.5 * (lb - la))
         eb = _expm1(0.5 * (la - lb))
+        sq = tl.exp(0.5 * (la + lb))  # √(pq)
         phi = tl.where(p >= q, p * ea * ea, q * eb * eb)
         phi = tl.where((p == 0.0) & (q == 0.0), zero, phi)
-        phi_a = tl.where(p > 0.0, -p * ea, zero)
-        phi_b = tl.where(q > 0.0, -q * eb, zero)
+        phi_a = tl.where(lb - la > 1.0, p - sq, -p * ea)
+        phi_a = tl.where(p > 0.0, phi_a, zero)
+        phi_b = tl.where(la - lb > 1.0, q - sq, -q * eb)
+        phi_b = tl.where(q > 0.0, phi_b, zero)
     elif KIND == 6:  # Pearson chi^2
         e = _expm1(la - lb)
+        r = tl.exp(2.0 * la - lb)  # p²/q, used where la − lb > 1 (no cancellation, no inf·tiny)
+        big = la - lb > 1.0
         inf = float("inf")
-        phi = tl.where(q > 0.0, q * e * e, tl.where(p > 0.0, inf, zero))
-        phi_a = tl.where(q > 0.0, 2.0 * p * e, tl.where(p > 0.0, inf, zero))
-        phi_b = tl.where(q > 0.0, -(p + q) * e, tl.where(p > 0.0, -inf, zero))
+        phi = tl.where(big, r - 2.0 * p + q, q * e * e)
+        phi_a = tl.where(big, 2.0 * (r - p), 2.0 * p * e)
+        phi_b = tl.where(big, q - r, -(p + q) * e)
+        q_zero = lb == float("-inf")  # exactly 0, not an underflowed q (p²/q may still be finite)
+        p_zero = la == float("-inf")
+        phi = tl.where(q_zero, tl.where(p_zero, zero, inf), phi)
+        phi_a = tl.where(q_zero, tl.where(p_zero, zero, inf), phi_a)
+        phi_b = tl.where(q_zero, tl.where(p_zero, zero, -inf), phi_b)
     else:  # KIND == 7: Amari alpha
-        ga = _g(p, lb - la, 1.0 - alpha)
-        gb = _g(q, la - lb, alpha)
+        ga = _g(p, la, lb - la, 1.0 - alpha)
+        gb = _g(q, lb, la - lb, alpha)
         hi = -(ga + p - q) / alpha
         lo = (gb - p + q) / (alpha - 1.0)
         phi = tl.where(alpha >= 0.5, hi, lo)
@@ -216,7 +228,10 @@ def _vocab_stats_fwd_kernel(
                 k = k * scale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), 1)
     lse_a = _lse(m_a, s_a)
     lse_b = _lse(m_b, s_b)
-    ent = lse_a - t_a / s_a
+    if NEED_ENT:
+        ent = lse_a - t_a / s_a
+    else:
+        ent = zeros
     div = zeros
     sum_a = zeros
     sum_b = zeros

@@ -70,7 +70,9 @@ def divergence_from_logprobs(logp, logq, kind, beta=0.5, alpha=0.5):
     if kind == "forward_kl" or (kind == "jsd" and beta == 0) or (kind == "alpha" and alpha == 0):
         return _p_log_ratio(q, logq, logp).sum(-1)
     if kind == "jsd":
-        logm = torch.logsumexp(torch.stack([logq + math.log(beta), logp + math.log(1 - beta)]), dim=0)
+        dead = (p == 0) & (q == 0)  # terms multiplied by p = q = 0: keep logsumexp's gradient finite there
+        lp, lq = torch.where(dead, zero, logp), torch.where(dead, zero, logq)
+        logm = torch.logsumexp(torch.stack([lq + math.log(beta), lp + math.log(1 - beta)]), dim=0)
         return beta * _p_log_ratio(q, logq, logm).sum(-1) + (1 - beta) * _p_log_ratio(p, logp, logm).sum(-1)
     if kind == "tv":
         return 0.5 * (p - q).abs().sum(-1)
@@ -81,9 +83,13 @@ def divergence_from_logprobs(logp, logq, kind, beta=0.5, alpha=0.5):
         term = torch.where(q > 0, (p - q).pow(2) / qs, torch.where(p > 0, zero + math.inf, zero))
         return term.sum(-1)
     if kind == "alpha":
+        # Σ [p^α q^(1−α) − α p − (1−α) q] / (α(α−1)): the same sum (Σp = Σq = 1) written term by term,
+        # in float64, so that it does not cancel catastrophically near α ∈ {0, 1}
         both = (p > 0) | (q > 0)
-        mixed = torch.where(both, alpha * logp + (1 - alpha) * logq, zero - math.inf)
-        return (mixed.exp().sum(-1) - 1) / (alpha * (alpha - 1))
+        lp, lq = logp.double(), logq.double()
+        mixed = torch.where(both, alpha * lp + (1 - alpha) * lq, torch.full_like(lp, -math.inf))
+        term = mixed.exp() - alpha * lp.exp() - (1 - alpha) * lq.exp()
+        return (term.sum(-1) / (alpha * (alpha - 1))).to(logp.dtype)
     raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
 
 
