@@ -44,6 +44,15 @@ SCALE_GROUP, SCALE_BATCH, SCALE_NONE = 0, 1, 2
 
 
 @triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    # IEEE-rounded square root: tl.sqrt is approximate for fp32 on the GPU; sqrt_rn is fp32-only.
+    if ACC == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, var_floor,
                         MODE: tl.constexpr, HAS_PERM: tl.constexpr, ACC: tl.constexpr,
                         SEG_BLOCK: tl.constexpr, MEM_BLOCK: tl.constexpr):
@@ -93,7 +102,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
             d = tl.where(m, v - mean[:, None], 0.0)
             s2 += tl.sum(d * d, axis=1)
         var = s2 / tl.maximum(nf - 1.0, 1.0)
-        denom = tl.sqrt_rn(var) + eps
+        denom = _sqrt(var, ACC) + eps
     elif MODE == 2:  # SEG_BATCH_STD
         bstd = tl.load(stats_ptr).to(ACC)
         denom = tl.zeros([SEG_BLOCK], dtype=ACC) + (bstd + eps)
@@ -102,7 +111,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
     elif MODE == 4:  # SEG_WHITEN
         bmean = tl.load(stats_ptr).to(ACC)
         bvar = tl.load(stats_ptr + 1).to(ACC)
-        rstd = 1.0 / tl.sqrt_rn(tl.maximum(bvar, var_floor))
+        rstd = 1.0 / _sqrt(tl.maximum(bvar, var_floor), ACC)
         denom = tl.zeros([SEG_BLOCK], dtype=ACC) + 1.0
     else:  # SEG_CENTER
         denom = tl.zeros([SEG_BLOCK], dtype=ACC) + 1.0
@@ -123,7 +132,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
         elif MODE == 0:
             adv = x
         else:
-            adv = x / denom[:, None]
+            adv = x / tl.where(denom > 0, denom, 1.0)[:, None]  # denom = 0 only with eps = 0 and x = 0
         adv = tl.where((n > 1)[:, None], adv, 0.0)
         tl.store(out_ptr + idx, adv.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -150,7 +159,7 @@ def _adv_batch_stats_kernel(x_ptr, stats_ptr, B, bf, MODE: tl.constexpr, ACC: tl
     ss = tl.sum(acc2, axis=0)
     if MODE == 0:
         var = ss / tl.maximum(bf - 1.0, 1.0)
-        std = tl.where(bf > 1.0, tl.sqrt_rn(var), 0.0)
+        std = tl.where(bf > 1.0, _sqrt(var, ACC), 0.0)
         tl.store(stats_ptr, std.to(stats_ptr.dtype.element_ty))
     else:
         tl.store(stats_ptr, mean.to(stats_ptr.dtype.element_ty))

@@ -5,6 +5,7 @@ distances, group advantages and fused GRPO / OPD losses; ``onepass.nn`` holds mo
 Importing onepass never initializes CUDA.
 """
 from ._dispatch import available_backends
+from .advantages import group_advantages
 from .divergence import divergence, linear_divergence
 from .kl import kl_penalty, linear_policy_ref_stats
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends",
     "divergence",
+    "group_advantages",
     "kl_penalty",
     "linear_divergence",
     "linear_policy_ref_stats",

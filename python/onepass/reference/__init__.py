@@ -9,3 +9,4 @@ from .vocab import (  # noqa: F401
     linear_token_logprobs,
     token_logprobs,
 )
+from .advantages import group_advantages  # noqa: F401
