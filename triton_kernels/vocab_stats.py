@@ -343,7 +343,7 @@ def _blocks_logits(n: int, v: int) -> tuple[int, int]:
 
 def _blocks_linear(d: int) -> tuple[int, int, int]:
     if _interpreting():
-        return 16, 64, min(64, max(16, triton.next_power_of_2(d)))
+        return 16, 128, min(64, max(16, triton.next_power_of_2(d)))
     return 64, 128, 64
 
 

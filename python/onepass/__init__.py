@@ -9,6 +9,7 @@ from .advantages import group_advantages
 from .divergence import divergence, linear_divergence
 from .kl import kl_penalty, linear_policy_ref_stats
 from .logprobs import linear_token_logprobs, token_logprobs
+from .losses import grpo_loss, opd_loss, policy_loss
 
 __version__ = "0.1.0"
 
@@ -16,9 +17,12 @@ __all__ = [
     "available_backends",
     "divergence",
     "group_advantages",
+    "grpo_loss",
     "kl_penalty",
     "linear_divergence",
     "linear_policy_ref_stats",
     "linear_token_logprobs",
+    "opd_loss",
+    "policy_loss",
     "token_logprobs",
 ]

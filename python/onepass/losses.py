@@ -1,0 +1,256 @@
+"""Fused policy losses: GRPO-family and on-policy distillation, from hidden states and LM heads.
+
+The vocabulary work is one ``onepass::linear_vocab_stats`` sweep (policy, plus the reference or teacher
+LM head in the same loop) and, in the backward, one recompute sweep; everything else is per-token
+arithmetic on [B, T] tensors, differentiated by autograd into the sweep's per-token gradients.
+[B, T, V] is never materialized.
+
+Aggregation (``loss_agg``) follows verl's ``agg_loss``; sequences with no unmasked token are left out
+of the sequence means (as verl does), and an all-masked batch gives loss 0:
+- "token-mean": Σ m·ℓ / Σ m
+- "seq-mean-token-sum": mean over sequences of Σ_t m·ℓ
+- "seq-mean-token-mean": mean over sequences of (Σ_t m·ℓ / Σ_t m)
+- "seq-mean-token-sum-norm": Σ_b Σ_t m·ℓ / (number of sequences) / T
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops, _public, _validate
+from .divergence import KIND_CODES, kernel_kind
+from .kl import kl_penalty, linear_policy_ref_stats
+from .logprobs import linear_token_logprobs
+from .reference import vocab as ref
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LOG_CLAMP = 20.0
+
+
+def aggregation_weights(mask: Tensor, loss_agg: str) -> Tensor:
+    """w [B, T] float32 with loss = Σ w·ℓ for the given verl aggregation mode."""
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    m = mask.to(torch.float32)
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp_min(1.0)
+    per_seq = m.sum(-1, keepdim=True)
+    n_seq = (per_seq > 0).sum().clamp_min(1).to(torch.float32)
+    if loss_agg == "seq-mean-token-sum":
+        return m / n_seq
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / (n_seq * m.shape[-1])
+    return m / (per_seq.clamp_min(1.0) * n_seq)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype)
+    return ((x * m).sum() / m.sum().clamp_min(1.0)).detach()
+
+
+def policy_loss(logp, advantages, *, mask, old_logp=None, kl=None, entropy=None, beta=0.0, epsilon_low=0.2,
+                epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0):
+    """Clipped policy-gradient loss from per-token quantities [B, T] (the part of ``grpo_loss`` after the
+    vocabulary sweep; use it to combine one sweep's outputs with other terms, e.g. KDRL's teacher KL).
+
+    ratio r = exp(clamp(logp − old_logp, ±20)) (old_logp=None: on-policy, r = 1 with the gradient of
+    logp); ℓ = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high)), with ``dual_clip`` c: ℓ = min(ℓ, −A·c) where
+    A < 0; plus β·kl − entropy_coef·entropy.  Returns (loss, metrics) with detached scalar metrics.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    adv = advantages.to(torch.float32).expand_as(logp)
+    if old_logp is None:
+        log_ratio = logp - logp.detach()
+    else:
+        log_ratio = (logp - old_logp.to(logp.dtype)).clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    pg = torch.maximum(pg1, pg2)
+    metrics = {}
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        dual = torch.minimum(pg, pg3)
+        metrics["dual_clip_frac"] = _masked_mean(((pg > pg3) & (adv < 0)).float(), mask)
+        pg = torch.where(adv < 0, dual, pg)
+    per_token = pg
+    if kl is not None and beta != 0.0:
+        per_token = per_token + beta * kl
+    if entropy is not None and entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    w = aggregation_weights(mask, loss_agg)
+    loss = (w * per_token).sum()
+    metrics.update({
+        "pg_loss": (w * pg).sum().detach(),
+        "clip_frac": _masked_mean((pg2 > pg1).float(), mask),
+        "clip_frac_low": _masked_mean(((ratio < 1.0 - epsilon_low) & (adv < 0)).float(), mask),
+        "clip_frac_high": _masked_mean(((ratio > 1.0 + epsilon_high) & (adv > 0)).float(), mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+        "ppo_kl": _masked_mean(-log_ratio, mask),
+    })
+    if kl is not None:
+        metrics["kl"] = _masked_mean(kl, mask)
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, mask)
+    return loss, metrics
+
+
+def _check_token_tensor(name, t, shape):
+    if t is None:
+        return
+    _validate.check_float(name, t)
+    if t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but targets have shape {tuple(shape)}")
+
+
+def _check_loss_inputs(hidden, weight, targets, mask, bias):
+    d, v = _public.check_linear("", hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+    if targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden is {tuple(hidden.shape)}: "
+                         "targets must be [B, T]")
+    if mask is None:
+        raise ValueError("mask [B, T] is required (1 for response tokens, 0 for prompt and padding)")
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but targets have shape {tuple(targets.shape)}")
+    return d, v
+
+
+def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
+              ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
+              epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
+              backend="auto"):
+    """Fused GRPO / PPO-clip loss from hidden states [B, T, D] and the LM-head weight [V, D].
+
+    One sweep over the vocabulary gives per-token policy logp and entropy (and, with ``ref_hidden`` +
+    ``ref_weight``, the reference logp and the exact KL(policy‖reference) from the same sweep); the
+    backward recomputes the tiles once.  ``advantages`` is [B] (per sequence) or [B, T]; ``mask`` [B, T];
+    ``kl_estimator`` is one of k1, k2, k3, abs (with "+" variants) on sampled tokens, or "full" for the
+    exact full-vocabulary KL (needs the reference as hidden + weight).  Masked positions (mask 0) are
+    excluded; targets there may be anything in [0, V) or −100.
+
+    Returns (loss scalar fp32, metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
+    clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
+    """
+    d, v = _check_loss_inputs(hidden, weight, targets, mask, bias)
+    b_, t_ = targets.shape
+    if advantages.shape not in ((b_,), (b_, t_)):
+        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
+    _check_token_tensor("old_logp", old_logp, targets.shape)
+    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
+    if ref_hidden is not None and ref_logp is not None:
+        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
+    if kl_estimator == "full" and ref_hidden is None:
+        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    if beta != 0.0 and ref_hidden is None and ref_logp is None:
+        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+    T = _validate.check_temperature(temperature)
+    _validate.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, advantages=advantages,
+                                ref_hidden=ref_hidden, ref_weight=ref_weight)
+    tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+    be = _public.pick_backend(backend, hidden, "grpo_loss", _public.LINEAR_BACKENDS)
+    if ref_hidden is not None:
+        stats = linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, tk, bias=bias, ref_bias=ref_bias,
+                                        temperature=T, backend=be)
+        logp, ent, ref_lp, kl_full = stats["logp"], stats["entropy"], stats["ref_logp"], stats["kl_full"]
+    else:
+        logp, ent = linear_token_logprobs(hidden, weight, tk, bias=bias, temperature=T, return_entropy=True,
+                                          backend=be)
+        ref_lp, kl_full = ref_logp, None
+    kl = None
+    if kl_estimator == "full":
+        kl = kl_full
+    elif ref_lp is not None:
+        kl = kl_penalty(logp, ref_lp, estimator=kl_estimator)
+    return policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=ent, beta=beta,
+                       epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, loss_agg=loss_agg,
+                       entropy_coef=entropy_coef)
+
+
+OPD_SAMPLED = "sampled_reverse_kl"
+
+
+def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
+             divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
+             teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto"):
+    """On-policy distillation loss; student and teacher LM heads in one sweep over the vocabulary.
+
+    - ``divergence`` a kind of ``onepass.divergence`` (forward_kl, reverse_kl, jsd, tv, hellinger, chi2,
+      alpha with ``beta``/``alpha``): the full-vocabulary divergence per token, aggregated by
+      ``loss_agg``; gradients to the student only.
+    - ``divergence="sampled_reverse_kl"``: the sampled-token reward of OPD / G-OPD,
+      r = λ(log q − log π_ref) − (log p − log π_ref) with λ = ``reward_scale`` and π_ref = ``ref_logp``
+      (λ = 1 is plain OPD, λ > 1 ExOPD; without ``ref_logp``, r = log q − log p and λ must be 1), used
+      as a detached per-token advantage: loss = agg(−r·ratio), ratio = exp(logp − sg(logp)), whose value
+      is the mean −r (the sampled reverse KL for λ = 1) and whose gradient is −agg(r ∇log p).
+
+    Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
+    [V, Dt], targets (the sampled tokens) and mask [B, T].  Returns (loss, metrics).
+    """
+    ds, v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias)
+    dt, vt = _public.check_linear("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    if vt != v:
+        raise ValueError(f"teacher_weight has V={vt} but student_weight has V={v}")
+    if teacher_hidden.shape[:2] != targets.shape:
+        raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)}; [B, T, D] with [B, T] = "
+                         f"{tuple(targets.shape)} expected")
+    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    sampled = divergence == OPD_SAMPLED
+    if sampled:
+        code = 0
+        if ref_logp is None and reward_scale != 1.0:
+            raise ValueError("reward_scale != 1 (G-OPD / ExOPD) needs ref_logp, the reference log-probs")
+    else:
+        if divergence not in KIND_CODES:
+            raise ValueError(f"divergence must be one of {tuple(KIND_CODES) + (OPD_SAMPLED,)}, got {divergence!r}")
+        if reward_scale != 1.0 or ref_logp is not None:
+            raise ValueError("reward_scale and ref_logp apply to divergence='sampled_reverse_kl' only")
+        code, beta, alpha = kernel_kind(divergence, beta, alpha)
+    T = _validate.check_temperature(temperature)
+    _validate.check_same_dtype(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    _validate.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, targets=targets,
+                                mask=mask)
+    tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+    tk_k = _public.kernel_targets(tk, targets.shape, v, -100)
+    be = _public.pick_backend(backend, student_hidden, "opd_loss", _public.LINEAR_BACKENDS)
+    w = aggregation_weights(mask, loss_agg)
+    if be == "torch":
+        th, tw = teacher_hidden.detach(), teacher_weight.detach()
+        tb = teacher_bias.detach() if teacher_bias is not None else None
+        logp = ref.linear_token_logprobs(student_hidden, student_weight, tk, bias=student_bias, temperature=T)
+        q_logp = ref.linear_token_logprobs(th, tw, tk, bias=tb, temperature=T)
+        div = None if sampled else ref.linear_divergence(
+            student_hidden, student_weight, th, tw, student_bias=student_bias, teacher_bias=tb, kind=divergence,
+            beta=beta, alpha=alpha, temperature=T, targets=tk)
+    else:
+        detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
+        stats = _ops.linear_vocab_stats(
+            _public.rows(student_hidden, ds), student_weight.contiguous(),
+            student_bias.contiguous() if student_bias is not None else None,
+            _public.rows(teacher_hidden.detach(), dt), detach(teacher_weight), detach(teacher_bias),
+            tk_k, 1.0 / T, code, beta, alpha, False, be)
+        logp = stats[:, _ops.STAT_LOGP_A].reshape(targets.shape)
+        q_logp = stats[:, _ops.STAT_LOGP_B].reshape(targets.shape)
+        div = stats[:, _ops.STAT_DIV].reshape(targets.shape)
+    metrics = {"student_logp": _masked_mean(logp, mask), "teacher_logp": _masked_mean(q_logp, mask)}
+    if sampled:
+        lam = float(reward_scale)
+        if ref_logp is None:
+            reward = q_logp - logp
+        else:
+            r_lp = ref_logp.to(logp.dtype)
+            reward = lam * (q_logp - r_lp) - (logp - r_lp)
+        reward = reward.detach()
+        ratio = torch.exp(logp - logp.detach())
+        loss = (w * (-reward * ratio)).sum()
+        metrics["reward"] = _masked_mean(reward, mask)
+        metrics["reverse_kl_sampled"] = _masked_mean((logp - q_logp).detach(), mask)
+    else:
+        loss = (w * div).sum()
+        metrics["divergence"] = _masked_mean(div, mask)
+    return loss, metrics
