@@ -1,0 +1,431 @@
+"""Kernel-level tests of the CUDA vocab-stats launchers (onepass.backends.cuda) against a float64
+PyTorch implementation on the CPU of the same semantics (docs/vocab_stats.md): log_softmax-based lse /
+logp / entropy, every divergence from its plain formula, and gradients by torch.autograd of
+sum_r (g_lp logp + g_rlp ref_logp + g_H H + g_D D).
+
+The GPU tests carry the ``gpu`` mark and are skipped without a CUDA device; the binding tests at the
+end run on any machine where onepass._C was built with CUDA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+try:
+    from onepass import _C
+
+    _WITH_CUDA = bool(getattr(_C, "with_cuda", False)) and hasattr(_C, "vocab_stats_fwd_cuda")
+except ImportError:  # pragma: no cover
+    _C = None
+    _WITH_CUDA = False
+
+_GPU = torch.cuda.is_available() and _WITH_CUDA
+
+
+def on_gpu(fn):
+    """gpu mark + skip without a CUDA device (or without the CUDA kernels in onepass._C)."""
+    fn = pytest.mark.skipif(not _GPU, reason="needs a CUDA device and onepass._C built with CUDA")(fn)
+    return pytest.mark.gpu(fn)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["float32", "float16", "bfloat16"]
+KINDS = list(range(8))
+KIND_NAMES = ["none", "reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"]
+VOCABS = [1, 127, 1000, 32000, 151936]
+
+
+def _cuda():
+    from onepass.backends import cuda
+
+    return cuda
+
+
+# ----------------------------------------------------------------------------- float64 reference
+def ref_divergence(la, lb, p, q, fin, kind, beta, alpha):
+    """Per-row divergence from its plain formula.  la, lb, p, q are 0 outside `fin` (the entries
+    finite in both rows), so no inf / NaN reaches autograd."""
+    zero = torch.zeros_like(la)
+    one = torch.ones_like(la)
+    if kind == 1:  # KL(p || q)
+        t = p * (la - lb)
+    elif kind == 2:  # KL(q || p)
+        t = q * (lb - la)
+    elif kind == 3:  # generalized JSD with the mixture m = beta q + (1 - beta) p
+        lm = torch.log(torch.where(fin, beta * q + (1 - beta) * p, one))
+        t = (1 - beta) * p * (la - lm) + beta * q * (lb - lm)
+    elif kind == 4:  # total variation
+        t = 0.5 * (p - q).abs()
+    elif kind == 5:  # squared Hellinger, sum (sqrt p - sqrt q)^2
+        t = (torch.exp(0.5 * la) - torch.exp(0.5 * lb)) ** 2
+    elif kind == 6:  # Pearson chi^2(p || q) = sum (p - q)^2 / q
+        t = (p - q) ** 2 / torch.where(fin, q, one)
+    elif kind == 7:  # Amari alpha: sum (p^a q^(1-a) - a p - (1-a) q) / (a (a - 1))
+        t = (torch.exp(alpha * la + (1 - alpha) * lb) - alpha * p - (1 - alpha) * q) / (alpha * (alpha - 1))
+    else:
+        return torch.zeros(la.shape[0], dtype=la.dtype)
+    return torch.where(fin, t, zero).sum(-1)
+
+
+def ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha):
+    """float64 (lse_a, lse_b, logp_a, logp_b, H, D) per row, differentiable in za, zb."""
+    n = za.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float64)
+    xa = za * inv_temp
+    lse_a = torch.logsumexp(xa, -1)
+    la_full = torch.log_softmax(xa, -1)
+    fin = torch.isfinite(za) if zb is None else torch.isfinite(za) & torch.isfinite(zb)
+    la = torch.where(torch.isfinite(za), la_full, torch.zeros_like(la_full))
+    p = torch.where(torch.isfinite(za), la.exp(), torch.zeros_like(la))
+    H = -(p * la).sum(-1)
+    lse_b, lb_full, D = zeros, None, zeros
+    if zb is not None:
+        xb = zb * inv_temp
+        lse_b = torch.logsumexp(xb, -1)
+        lb_full = torch.log_softmax(xb, -1)
+        la_f = torch.where(fin, la_full, torch.zeros_like(la_full))
+        lb = torch.where(fin, lb_full, torch.zeros_like(lb_full))
+        pf = torch.where(fin, la_f.exp(), torch.zeros_like(la_f))
+        q = torch.where(fin, lb.exp(), torch.zeros_like(lb))
+        D = ref_divergence(la_f, lb, pf, q, fin, kind, beta, alpha)
+    logp_a = logp_b = zeros
+    if targets is not None:
+        y = targets.clamp_min(0)[:, None]
+        logp_a = la_full.gather(-1, y)[:, 0]
+        if zb is not None:
+            logp_b = lb_full.gather(-1, y)[:, 0]
+    return lse_a, lse_b, logp_a, logp_b, H, D
+
+
+def reference(a, b, targets, inv_temp, kind, beta, alpha, grads):
+    """float64 CPU stats [N, 6] = (lse_a, lse_b, logp_a, logp_b, H, D) and the autograd gradients."""
+    za = a.detach().cpu().double().requires_grad_(True)
+    zb = b.detach().cpu().double().requires_grad_(True) if b is not None else None
+    t = targets.cpu() if targets is not None else None
+    qs = ref_quantities(za, zb, t, inv_temp, kind, beta, alpha)
+    keep = torch.ones(a.shape[0], dtype=torch.float64) if t is None else (t >= 0).double()
+    g = grads.detach().cpu().double()
+    loss = (keep * (g[:, 0] * qs[2] + g[:, 1] * qs[3] + g[:, 2] * qs[4] + g[:, 3] * qs[5])).sum()
+    inputs = [za] + ([zb] if zb is not None else [])
+    gr = torch.autograd.grad(loss, inputs, allow_unused=True)
+    ga = gr[0] if gr[0] is not None else torch.zeros_like(za)
+    gb = None
+    if zb is not None:
+        gb = gr[1] if gr[1] is not None else torch.zeros_like(zb)
+    stats = torch.stack([x.detach() for x in qs], -1) * keep[:, None]
+    return stats, ga, gb
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_inputs(n, v, dtype, *, seed=0, with_ninf=True, scale=2.0, ignored=True):
+    """CPU tensors: a, b = a + noise (same -inf positions), targets on finite entries (row 1
+    ignored), grads [N, 4] float64."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    b = (a.double() + torch.randn(n, v, generator=g, dtype=torch.float64) * scale * 0.5).to(dtype)
+    if with_ninf and v >= 4:
+        mask = torch.rand(n, v, generator=g) < 0.15
+        mask[:, 0] = False  # every row keeps a finite entry
+        a[mask] = float("-inf")
+        b[mask] = float("-inf")
+    targets = torch.zeros(n, dtype=torch.int64)
+    for r in range(n):
+        finite = torch.nonzero(torch.isfinite(a[r])).flatten()
+        targets[r] = finite[torch.randint(len(finite), (1,), generator=g)].item()
+    if ignored and n >= 3:
+        targets[1] = -1
+    grads = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return a, b, targets, grads
+
+
+STATS_TOL = 1e-4
+GRAD_TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close(got, ref, tol, what):
+    got = got.detach().cpu().double()
+    finite = ref[torch.isfinite(ref)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def run_case(n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, *, with_targets=True, use_b=True,
+             seed=0, with_ninf=True, need_entropy=True):
+    cuda = _cuda()
+    dev = torch.device("cuda")
+    a, b, targets, grads = make_inputs(n, v, dtype, seed=seed, with_ninf=with_ninf)
+    if not with_targets:
+        targets = None
+        grads[:, :2] = 0
+    bb = b if (use_b or kind != 0) else None
+    if bb is None:
+        grads[:, 1] = 0
+    if kind == 0:
+        grads[:, 3] = 0
+    if not need_entropy:
+        grads[:, 2] = 0
+    ad = a.to(dev)
+    bd = bb.to(dev) if bb is not None else None
+    td = targets.to(dev) if targets is not None else None
+    stats = cuda.vocab_stats_fwd(ad, bd, td, inv_temp, kind, beta, alpha, need_entropy)
+    assert stats.shape == (n, 8) and stats.dtype == torch.float32 and stats.device == ad.device
+    ref_stats, ref_ga, ref_gb = reference(a, bb, targets, inv_temp, kind, beta, alpha, grads)
+    if not need_entropy:
+        ref_stats[:, 4] = 0
+    sc = stats.cpu()
+    assert_close(sc[:, :6], ref_stats, STATS_TOL, f"stats kind={kind} V={v} {dtype}")
+    if kind == 1:
+        assert torch.equal(sc[:, 6], sc[:, 5]) and torch.all(sc[:, 7] == 0)
+    elif kind == 2:
+        assert torch.equal(sc[:, 7], sc[:, 5]) and torch.all(sc[:, 6] == 0)
+    elif kind == 0:
+        assert torch.all(sc[:, 5:] == 0)
+    if targets is not None:
+        assert torch.all(sc[targets < 0] == 0)
+    gd = grads.to(dev, torch.float32)
+    ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, gd, inv_temp, kind, beta, alpha, True, bd is not None)
+    assert ga.dtype == dtype and ga.shape == a.shape and ga.device == ad.device
+    gtol = GRAD_TOL[dtype]
+    assert_close(ga, ref_ga, gtol, f"grad_a kind={kind} V={v} {dtype}")
+    if bd is not None:
+        assert gb.dtype == dtype
+        assert_close(gb, ref_gb, gtol, f"grad_b kind={kind} V={v} {dtype}")
+    else:
+        assert gb is None
+    if targets is not None:
+        ign = (targets < 0).to(dev)
+        assert torch.all(ga[ign] == 0)
+        if gb is not None:
+            assert torch.all(gb[ign] == 0)
+    return stats, ga, gb
+
+
+# ----------------------------------------------------------------------------- GPU tests
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@on_gpu
+def test_matches_reference(dtype, kind, v):
+    run_case(4 if v > 30000 else 5, v, dtype, kind, 1 / 0.7, beta=0.3, alpha=0.5, seed=v + kind)
+
+
+@on_gpu
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
+def test_no_targets_and_no_b(kind):
+    run_case(4, 300, torch.float32, kind, 1.0, with_targets=False, seed=6)
+    if kind == 0:
+        run_case(4, 300, torch.float32, 0, 1.0, use_b=False, seed=7)
+        run_case(4, 300, torch.bfloat16, 0, 1.0, use_b=False, with_targets=False, seed=8)
+
+
+@on_gpu
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_jsd_beta(beta, dtype):
+    run_case(4, 1001, dtype, 3, 1.0, beta=beta, seed=2)
+
+
+@on_gpu
+@pytest.mark.parametrize("alpha", [-0.5, 0.3, 0.5, 0.9, 2.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_alpha(alpha, dtype):
+    run_case(4, 1001, dtype, 7, 1 / 0.7, alpha=alpha, seed=3)
+
+
+@on_gpu
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
+def test_no_entropy_and_temperature(kind):
+    run_case(3, 2000, torch.bfloat16, kind, 1 / 1.3, beta=0.7, alpha=2.0, need_entropy=False, seed=12)
+
+
+@on_gpu
+@pytest.mark.parametrize("kind", range(1, 8), ids=lambda k: KIND_NAMES[k])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_identical_inputs_exact_zero(kind, dtype):
+    cuda = _cuda()
+    a, _, targets, grads = make_inputs(5, 3001, dtype, seed=9)
+    a, targets = a.cuda(), targets.cuda()
+    b = a.clone()
+    stats = cuda.vocab_stats_fwd(a, b, targets, 1 / 0.7, kind, 0.3, 0.7, True)
+    assert torch.all(stats[:, 5:] == 0), stats[:, 5:]
+    assert torch.equal(stats[:, 0], stats[:, 1]) and torch.equal(stats[:, 2], stats[:, 3])
+    g = torch.zeros_like(stats[:, :4])
+    g[:, 3] = grads[:, 3].to(g)
+    ga, gb = cuda.vocab_stats_bwd(a, b, targets, stats, g, 1 / 0.7, kind, 0.3, 0.7, True, True)
+    assert torch.all(ga == 0) and torch.all(gb == 0)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("offsets", [(1, 1), (1, 0), (0, 3)], ids=["both-misaligned", "a-misaligned", "b-misaligned"])
+def test_misaligned_pointers(dtype, offsets):
+    """Views starting inside a 16-byte segment: the head/tail element path, and the all-scalar path
+    when a and b are misaligned differently."""
+    cuda = _cuda()
+    n, v = 3, 1003
+    a, b, targets, grads = make_inputs(n, v, dtype, seed=13)
+    buf_a = torch.empty(n * v + 8, dtype=dtype, device="cuda")
+    buf_b = torch.empty(n * v + 8, dtype=dtype, device="cuda")
+    ad = buf_a[offsets[0]:offsets[0] + n * v].view(n, v)
+    bd = buf_b[offsets[1]:offsets[1] + n * v].view(n, v)
+    ad.copy_(a)
+    bd.copy_(b)
+    td = targets.cuda()
+    for kind in (1, 3, 5):
+        stats = cuda.vocab_stats_fwd(ad, bd, td, 1.0, kind, 0.5, 0.5, True)
+        ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.5, 0.5, grads)
+        assert_close(stats.cpu()[:, :6], ref, STATS_TOL, f"misaligned stats kind={kind}")
+        ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, grads.float().cuda(), 1.0, kind, 0.5, 0.5, True, True)
+        assert_close(ga, ga_r, GRAD_TOL[dtype], f"misaligned grad_a kind={kind}")
+        assert_close(gb, gb_r, GRAD_TOL[dtype], f"misaligned grad_b kind={kind}")
+
+
+@on_gpu
+def test_nan_and_all_ninf_rows_stay_local():
+    cuda = _cuda()
+    a, b, targets, grads = make_inputs(6, 1500, torch.float32, seed=11, ignored=False)
+    a, b, targets, g = a.cuda(), b.cuda(), targets.cuda(), grads.float().cuda()
+    clean = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
+    ga_c, gb_c = cuda.vocab_stats_bwd(a, b, targets, clean, g, 1.0, 3, 0.5, 0.5, True, True)
+    a2, b2 = a.clone(), b.clone()
+    a2[2, 7] = float("nan")
+    a2[4, :] = float("-inf")
+    b2[4, :] = float("-inf")
+    s = cuda.vocab_stats_fwd(a2, b2, targets, 1.0, 3, 0.5, 0.5, True)
+    assert torch.isnan(s[2, 0])
+    assert s[4, 0].item() == float("-inf")
+    ok = [0, 1, 3, 5]
+    assert torch.equal(s[ok], clean[ok])
+    ga, gb = cuda.vocab_stats_bwd(a2, b2, targets, s, g, 1.0, 3, 0.5, 0.5, True, True)
+    assert torch.equal(ga[ok], ga_c[ok]) and torch.equal(gb[ok], gb_c[ok])
+    assert torch.isnan(ga[2]).any()
+    # NaN inside an all -inf row: the NaN is not lost
+    a3 = torch.full((1, 2000), float("-inf"), device="cuda")
+    a3[0, 1500] = float("nan")
+    s3 = cuda.vocab_stats_fwd(a3, None, None, 1.0, 0, 0.5, 0.5, True)
+    assert torch.isnan(s3[0, 0])
+
+
+@on_gpu
+def test_leading_ninf_and_large_logits():
+    cuda = _cuda()
+    a = torch.randn(3, 5000, dtype=torch.float64) * 3 + 500.0
+    a[:, :1300] = float("-inf")
+    b = a + torch.randn(3, 5000, dtype=torch.float64) * 0.5
+    b[:, :1300] = float("-inf")
+    a, b = a.float(), b.float()
+    targets = torch.tensor([2000, 3500, 4999])
+    grads = torch.randn(3, 4, dtype=torch.float64)
+    for kind in (1, 2, 3, 7):
+        stats = cuda.vocab_stats_fwd(a.cuda(), b.cuda(), targets.cuda(), 1.0, kind, 0.5, 0.5, True)
+        assert torch.isfinite(stats).all()
+        ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.5, 0.5, grads)
+        # logits ~500 carry an absolute fp32 rounding error of ~3e-5 on every entry
+        assert_close(stats.cpu()[:, :6], ref, 2e-4, f"kind {kind}")
+        ga, gb = cuda.vocab_stats_bwd(a.cuda(), b.cuda(), targets.cuda(), stats, grads.float().cuda(), 1.0, kind,
+                                      0.5, 0.5, True, True)
+        assert_close(ga, ga_r, 2e-4, f"grad_a kind {kind}")
+        assert_close(gb, gb_r, 2e-4, f"grad_b kind {kind}")
+
+
+@on_gpu
+@pytest.mark.parametrize("scale", [4.0, 8.0])
+@pytest.mark.parametrize("kind,alpha", [(3, 0.5), (5, 0.5), (6, 0.5), (7, 2.0), (7, -0.5), (7, 0.8), (7, 0.2)])
+def test_far_apart_distributions(scale, kind, alpha):
+    """Independent wide logits: the overflow-safe alternative forms of hellinger / chi2 / alpha."""
+    cuda = _cuda()
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 2000, generator=g) * scale
+    b = torch.randn(3, 2000, generator=g) * scale
+    targets = torch.tensor([1, -1, 5])
+    grads = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    stats = cuda.vocab_stats_fwd(a.cuda(), b.cuda(), targets.cuda(), 1.0, kind, 0.3, alpha, True)
+    ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.3, alpha, grads)
+    assert_close(stats.cpu()[:, :6], ref, STATS_TOL, f"kind {kind} alpha {alpha}")
+    ga, gb = cuda.vocab_stats_bwd(a.cuda(), b.cuda(), targets.cuda(), stats, grads.float().cuda(), 1.0, kind,
+                                  0.3, alpha, True, True)
+    assert_close(ga, ga_r, GRAD_TOL[torch.float32], "grad_a")
+    assert_close(gb, gb_r, GRAD_TOL[torch.float32], "grad_b")
+
+
+@on_gpu
+def test_inf_divergence_where_q_is_zero():
+    cuda = _cuda()
+    a = torch.zeros(1, 8, device="cuda")
+    b = torch.zeros(1, 8, device="cuda")
+    b[0, 3] = float("-inf")
+    for kind in (1, 6):
+        s = cuda.vocab_stats_fwd(a, b, None, 1.0, kind, 0.5, 0.5, False)
+        assert s[0, 5].item() == math.inf, (kind, s)
+    s = cuda.vocab_stats_fwd(a, b, None, 1.0, 2, 0.5, 0.5, False)
+    assert math.isfinite(s[0, 5].item())
+
+
+@on_gpu
+def test_side_stream_and_empty():
+    cuda = _cuda()
+    a, b, targets, grads = make_inputs(8, 4096, torch.bfloat16, seed=14)
+    a, b, targets = a.cuda(), b.cuda(), targets.cuda()
+    ref = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert torch.equal(got, ref)
+    e = torch.zeros(0, 10, device="cuda")
+    st = cuda.vocab_stats_fwd(e, None, None, 1.0, 0, 0.5, 0.5, True)
+    assert st.shape == (0, 8)
+    ga, gb = cuda.vocab_stats_bwd(e, None, None, st, torch.zeros(0, 4, device="cuda"), 1.0, 0, 0.5, 0.5, True, False)
+    assert ga.shape == (0, 10) and gb is None
+    with pytest.raises(TypeError, match="float64"):
+        cuda.vocab_stats_fwd(a.double(), None, None, 1.0, 0, 0.5, 0.5, True)
+
+
+# ----------------------------------------------------------------------------- binding tests (any machine)
+_needs_cuda_build = pytest.mark.skipif(not _WITH_CUDA, reason="onepass._C was built without CUDA")
+
+
+def _device_usable() -> bool:
+    try:
+        return _C.cuda_device_count() > 0
+    except RuntimeError:
+        return False
+
+
+@_needs_cuda_build
+def test_binding_without_device_raises():
+    if _device_usable():
+        pytest.skip("a CUDA device is usable here")
+    with pytest.raises(RuntimeError, match=r"onepass CUDA backend: no usable CUDA device \(cudaGetDeviceCount: "):
+        _C.cuda_device_count()
+    x = torch.zeros(2, 10)
+    st = torch.zeros(2, 8)
+    g = torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="onepass CUDA backend: no usable CUDA device"):
+        _C.vocab_stats_fwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), 2, 10, 0, 1.0, 0, 0.5, 0.5, True, 0)
+    with pytest.raises(RuntimeError, match="onepass CUDA backend: no usable CUDA device"):
+        _C.vocab_stats_bwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), g.data_ptr(), x.data_ptr(), 0, 2, 10, 0, 1.0,
+                                0, 0.5, 0.5, 0)
+    ok, why = _cuda().is_available()
+    assert not ok and why
+
+
+@_needs_cuda_build
+def test_binding_argument_errors():
+    """Argument errors are reported before any device is touched (no device needed)."""
+    with pytest.raises(TypeError, match="float64"):
+        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 3, 1.0, 0, 0.5, 0.5, True, 0)
+    with pytest.raises(ValueError, match="kind"):
+        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 8, 0.5, 0.5, True, 0)
+    with pytest.raises(ValueError, match="beta"):
+        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 3, 0.0, 0.5, True, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        _C.vocab_stats_bwd_cuda(16, 16, 0, 16, 16, 16, 0, 2, 10, 0, 1.0, 7, 0.5, 1.0, 0)
+    with pytest.raises(ValueError, match="needs b"):
+        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 0, 1.0, 1, 0.5, 0.5, True, 0)
+    # N == 0: nothing to launch, no device needed
+    _C.vocab_stats_fwd_cuda(0, 0, 0, 0, 0, 10, 0, 1.0, 0, 0.5, 0.5, True, 0)
