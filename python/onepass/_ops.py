@@ -108,6 +108,12 @@ vocab_stats.register_autograd(_vocab_stats_bwd, setup_context=_vocab_stats_setup
 # Fused linear (hidden @ weight.T + bias).
 # ------------------------------------------------------------------------------------------------
 def _chunk_logits(h: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """One chunk of logits h @ w.T (+ bias).  On CUDA, bf16/fp16 operands produce fp32 logits (cuBLAS
+    accumulates in fp32 anyway; rounding the logits to bf16 would cost the kernels precision); on the
+    CPU the chunk stays in the input dtype, as the same-dtype naive computation does."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        z = torch.mm(h, w.T, out_dtype=torch.float32)
+        return z if bias is None else z.add_(bias)
     return h @ w.T if bias is None else torch.addmm(bias, h, w.T)
 
 
@@ -159,6 +165,7 @@ class LinearGradAccumulator:
     def add(self, s: int, e: int, dz: Optional[Tensor]) -> None:
         if dz is None:
             return
+        dz = dz.to(self.w.dtype)  # fp32 chunk gradients of fp32 logits (cuda backend, bf16 weights)
         if self.dh is not None:
             torch.mm(dz, self.w, out=self.dh[s:e])
         if self.dw is not None:
@@ -245,3 +252,66 @@ def _linear_bwd(ctx, g_stats):
 
 
 linear_vocab_stats.register_autograd(_linear_bwd, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused losses on the chunked backends: forward and backward in the same pass.
+# ------------------------------------------------------------------------------------------------
+def linear_fused_loss_chunked(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+                              need_entropy, token_loss, needs):
+    """A scalar loss Σ_rows token_loss(stats rows) and its gradients, in one chunked pass (cpu, cuda).
+
+    Each chunk's logits are computed once: streamed through the forward kernel, then - with the per-row
+    gradients of ``token_loss`` (autograd on the chunk's [rows, 8] stats, which must only couple a row to
+    itself) - through the backward kernel, and applied to hidden/weight by matrix products.  Three
+    matrix products per chunk instead of the four of a separate forward and recompute backward.
+    Returns (loss fp32 scalar, stats [N, 8] detached, the 6 gradients as ``linear_stats_backward``).
+    """
+    mod = launcher(backend)
+    n, v = ha.shape[0], wa.shape[0]
+    stats = ha.new_zeros((n, 8), dtype=stats_dtype(ha))
+    acc_a = LinearGradAccumulator(ha, wa, bias_a, *needs[0:3])
+    acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
+    need_a, need_b = any(needs[0:3]), hb is not None and any(needs[3:6])
+    total = torch.zeros((), dtype=torch.float32, device=ha.device)
+    step = _rows_per_chunk(v, ha.element_size())
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a = _chunk_logits(ha[s:e], wa, bias_a)
+        b = _chunk_logits(hb[s:e], wb, bias_b) if hb is not None else None
+        t = targets[s:e] if targets is not None else None
+        st = mod.vocab_stats_fwd(a, b, t, inv_temp, kind, beta, alpha, need_entropy)
+        stats[s:e] = st
+        leaf = st.detach().requires_grad_()
+        with torch.enable_grad():
+            part = token_loss(leaf, s, e)
+        total += part.detach().to(torch.float32)
+        if not (need_a or need_b):
+            continue
+        (g,) = torch.autograd.grad(part, leaf, allow_unused=True, materialize_grads=True)
+        dza, dzb = mod.vocab_stats_bwd(a, b, t, st, _upstream(g), inv_temp, kind, beta, alpha, need_a, need_b)
+        acc_a.add(s, e, dza)
+        if acc_b is not None:
+            acc_b.add(s, e, dzb)
+    out_a = acc_a.result(wa, bias_a)
+    out_b = acc_b.result(wb, bias_b) if acc_b is not None else (None, None, None)
+    return total, stats, (*out_a, *out_b)
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """Autograd wrapper of ``linear_fused_loss_chunked``: the gradients are computed in the forward and
+    scaled by the upstream gradient of the loss in the backward."""
+
+    @staticmethod
+    def forward(ctx, ha, wa, bias_a, hb, wb, bias_b, run):
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:6])
+        loss, stats, grads = run(needs)
+        ctx.grads = grads
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        grads = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*grads, None)

@@ -48,6 +48,35 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return ((x * m).sum() / m.sum().clamp_min(1.0)).detach()
 
 
+def _policy_terms(logp, adv, old_logp, kl, entropy, beta, epsilon_low, epsilon_high, dual_clip, entropy_coef):
+    """Per-token PPO-clip terms (any shape, elementwise): returns (ℓ, pg, parts for the metrics)."""
+    if old_logp is None:
+        log_ratio = logp - logp.detach()
+    else:
+        log_ratio = (logp - old_logp.to(logp.dtype)).clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    pg = torch.maximum(pg1, pg2)
+    dual = None
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        dual = (pg > pg3) & (adv < 0)
+        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    per_token = pg
+    if kl is not None and beta != 0.0:
+        per_token = per_token + beta * kl
+    if entropy is not None and entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    return per_token, pg, dict(log_ratio=log_ratio, ratio=ratio, clipped=pg2 > pg1, dual=dual)
+
+
+def _expand_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages.to(torch.float32).expand_as(like)
+
+
 def policy_loss(logp, advantages, *, mask, old_logp=None, kl=None, entropy=None, beta=0.0, epsilon_low=0.2,
                 epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0):
     """Clipped policy-gradient loss from per-token quantities [B, T] (the part of ``grpo_loss`` after the
@@ -57,38 +86,22 @@ def policy_loss(logp, advantages, *, mask, old_logp=None, kl=None, entropy=None,
     logp); ℓ = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high)), with ``dual_clip`` c: ℓ = min(ℓ, −A·c) where
     A < 0; plus β·kl − entropy_coef·entropy.  Returns (loss, metrics) with detached scalar metrics.
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    adv = advantages.to(torch.float32).expand_as(logp)
-    if old_logp is None:
-        log_ratio = logp - logp.detach()
-    else:
-        log_ratio = (logp - old_logp.to(logp.dtype)).clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    pg = torch.maximum(pg1, pg2)
-    metrics = {}
-    if dual_clip is not None:
-        pg3 = -adv * dual_clip
-        dual = torch.minimum(pg, pg3)
-        metrics["dual_clip_frac"] = _masked_mean(((pg > pg3) & (adv < 0)).float(), mask)
-        pg = torch.where(adv < 0, dual, pg)
-    per_token = pg
-    if kl is not None and beta != 0.0:
-        per_token = per_token + beta * kl
-    if entropy is not None and entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * entropy
+    adv = _expand_advantages(advantages, logp)
+    per_token, pg, parts = _policy_terms(logp, adv, old_logp, kl, entropy, beta, epsilon_low, epsilon_high,
+                                         dual_clip, entropy_coef)
     w = aggregation_weights(mask, loss_agg)
     loss = (w * per_token).sum()
-    metrics.update({
+    ratio = parts["ratio"]
+    metrics = {
         "pg_loss": (w * pg).sum().detach(),
-        "clip_frac": _masked_mean((pg2 > pg1).float(), mask),
+        "clip_frac": _masked_mean(parts["clipped"].float(), mask),
         "clip_frac_low": _masked_mean(((ratio < 1.0 - epsilon_low) & (adv < 0)).float(), mask),
         "clip_frac_high": _masked_mean(((ratio > 1.0 + epsilon_high) & (adv > 0)).float(), mask),
         "ratio_mean": _masked_mean(ratio, mask),
-        "ppo_kl": _masked_mean(-log_ratio, mask),
-    })
+        "ppo_kl": _masked_mean(-parts["log_ratio"], mask),
+    }
+    if parts["dual"] is not None:
+        metrics["dual_clip_frac"] = _masked_mean(parts["dual"].float(), mask)
     if kl is not None:
         metrics["kl"] = _masked_mean(kl, mask)
     if entropy is not None:
@@ -153,6 +166,11 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                                 ref_hidden=ref_hidden, ref_weight=ref_weight)
     tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     be = _public.pick_backend(backend, hidden, "grpo_loss", _public.LINEAR_BACKENDS)
+    terms = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
+                 entropy_coef=entropy_coef)
+    if be in ("cpu", "cuda") and _eager_gradients(hidden, weight, bias):
+        return _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, advantages, mask,
+                              old_logp, ref_logp, T, kl_estimator, loss_agg, terms)
     if ref_hidden is not None:
         stats = linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, tk, bias=bias, ref_bias=ref_bias,
                                         temperature=T, backend=be)
@@ -166,9 +184,59 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
         kl = kl_full
     elif ref_lp is not None:
         kl = kl_penalty(logp, ref_lp, estimator=kl_estimator)
-    return policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=ent, beta=beta,
-                       epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, loss_agg=loss_agg,
-                       entropy_coef=entropy_coef)
+    return policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=ent, loss_agg=loss_agg,
+                       **terms)
+
+
+def _eager_gradients(*tensors) -> bool:
+    """Whether a fused loss computes its gradients in the forward (chunked backends, eager autograd)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, advantages, mask, old_logp,
+                   ref_logp, T, kl_estimator, loss_agg, terms):
+    """grpo_loss on the chunked backends with forward and backward in the same pass: each chunk's logits
+    are computed once (three matrix products per chunk in all, like the naive loss, instead of four)."""
+    d, v = hidden.shape[-1], weight.shape[0]
+    shape = tk.shape
+    flat = lambda x: x.reshape(-1) if x is not None else None  # noqa: E731
+    w_tok = flat(aggregation_weights(mask, loss_agg))
+    adv = flat(_expand_advantages(advantages, w_tok.view(shape)))
+    old, ref_lp_in = flat(old_logp), flat(ref_logp)
+    two = ref_hidden is not None
+    detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
+    targets = _public.kernel_targets(tk, shape, v, -100)
+
+    def token_kl(st, s, e):
+        if kl_estimator == "full":
+            return st[:, _ops.STAT_DIV]
+        ref = st[:, _ops.STAT_LOGP_B] if two else (ref_lp_in[s:e] if ref_lp_in is not None else None)
+        return None if ref is None else kl_penalty(st[:, _ops.STAT_LOGP_A], ref, estimator=kl_estimator)
+
+    def token_loss(st, s, e):
+        per_token, _, _ = _policy_terms(st[:, _ops.STAT_LOGP_A], adv[s:e], old[s:e] if old is not None else None,
+                                        token_kl(st, s, e), st[:, _ops.STAT_ENTROPY], **terms)
+        return (w_tok[s:e] * per_token).sum()
+
+    ha = _public.rows(hidden, d)
+    args = (ha, weight.contiguous(), bias.contiguous() if bias is not None else None,
+            _public.rows(ref_hidden.detach(), ref_hidden.shape[-1]) if two else None, detach(ref_weight),
+            detach(ref_bias))
+    run = lambda needs: _ops.linear_fused_loss_chunked(  # noqa: E731
+        be, *args, targets, 1.0 / T, 1 if two else 0, 0.0, 0.0, True, token_loss, needs)
+    loss, stats = _ops.FusedLinearLoss.apply(*args, run)
+    st = stats.view(*shape, 8)
+    kl = None
+    if kl_estimator == "full":
+        kl = st[..., _ops.STAT_DIV]
+    elif two or ref_logp is not None:
+        kl = kl_penalty(st[..., _ops.STAT_LOGP_A], st[..., _ops.STAT_LOGP_B] if two else ref_logp,
+                        estimator=kl_estimator)
+    with torch.no_grad():
+        _, metrics = policy_loss(st[..., _ops.STAT_LOGP_A], advantages, mask=mask, old_logp=old_logp, kl=kl,
+                                 entropy=st[..., _ops.STAT_ENTROPY], loss_agg=loss_agg, **terms)
+    return loss, metrics
 
 
 OPD_SAMPLED = "sampled_reverse_kl"
