@@ -76,7 +76,7 @@ class Family:
     order: int = 100          # position in the default listing (then by name)
 
     def rows(self, shape: dict) -> int:
-        return int(shape["N"])
+        return int(shape["N"]) if "N" in shape else int(shape["B"] * shape["T"])
 
 
 def family(name: str, *, op: str, make_inputs, providers: dict, shapes: dict, grad_inputs, **kw) -> Family:
