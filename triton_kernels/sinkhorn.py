@@ -62,7 +62,6 @@ def _sinkhorn_cost_kernel(A, B, LSE_A, LSE_B, OUT_C, OUT_A, OUT_B, N, V, G, n_ib
     mask_j = rows_j < gend
     acc_c = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     n_i = tl.zeros((BLOCK_I,), dtype=tl.float32)
     n_j = tl.zeros((BLOCK_J,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
@@ -72,12 +71,10 @@ def _sinkhorn_cost_kernel(A, B, LSE_A, LSE_B, OUT_C, OUT_A, OUT_B, N, V, G, n_ib
         q, zq = _prob_tile(B, LSE_B, rows_j, cols, mask_j, cmask, stride_b, inv_temp)
         if KIND == 0:
             p3 = p[:, None, :]
-            q3 = q[None, :, :]
-            d = p3 - q3
+            d = p3 - q[None, :, :]
             s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             acc_c += tl.sum(tl.abs(d), axis=2)
             acc_a += tl.sum(p3 * s, axis=2)
-            acc_b -= tl.sum(q3 * s, axis=2)
         elif KIND == 1:
             acc_c = tl.dot(p, tl.trans(q), acc_c, input_precision="ieee")
             n_i += tl.sum(p * p, axis=1)
@@ -88,7 +85,9 @@ def _sinkhorn_cost_kernel(A, B, LSE_A, LSE_B, OUT_C, OUT_A, OUT_B, N, V, G, n_ib
             acc_c = tl.dot(sp, tl.trans(sq), acc_c, input_precision="ieee")
             n_i += tl.sum(p, axis=1)
             n_j += tl.sum(q, axis=1)
-    if KIND == 1:
+    if KIND == 0:
+        acc_b = acc_c - acc_a  # sum q sign(q - p) = sum (p - q) sign(p - q) - sum p sign(p - q)
+    elif KIND == 1:
         dot = acc_c
         acc_c = n_i[:, None] + n_j[None, :] - 2.0 * dot
         acc_a = 2.0 * (n_i[:, None] - dot)

@@ -257,8 +257,10 @@ def _vocab_stats_fwd_kernel(
     tl.store(out + 0, tl.where(live, lse_a, 0.0), mask=row_mask)
     tl.store(out + 1, tl.where(live, lse_b, 0.0), mask=row_mask)
     if HAS_T:
-        tl.store(out + 2, tl.where(live, y_a - lse_a, 0.0), mask=row_mask)
-        tl.store(out + 3, tl.where(live, y_b - lse_b, 0.0), mask=row_mask)
+        # a target ≥ V (unchecked under torch.compile) gives NaN, never a wrong finite number
+        in_range = y < V
+        tl.store(out + 2, tl.where(live, tl.where(in_range, y_a - lse_a, float("nan")), 0.0), mask=row_mask)
+        tl.store(out + 3, tl.where(live, tl.where(in_range, y_b - lse_b, float("nan")), 0.0), mask=row_mask)
     else:
         tl.store(out + 2, zeros, mask=row_mask)
         tl.store(out + 3, zeros, mask=row_mask)

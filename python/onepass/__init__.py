@@ -10,6 +10,8 @@ from .divergence import divergence, linear_divergence
 from .kl import kl_penalty, linear_policy_ref_stats
 from .logprobs import linear_token_logprobs, token_logprobs
 from .losses import grpo_loss, opd_loss, policy_loss
+from .sinkhorn import sinkhorn_distance
+from . import nn  # noqa: E402  (modules wrapping the functions above)
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,6 @@ __all__ = [
     "linear_token_logprobs",
     "opd_loss",
     "policy_loss",
+    "sinkhorn_distance",
     "token_logprobs",
 ]

@@ -7,7 +7,6 @@ of the inputs, the first available backend of the op's preference list.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -18,9 +17,18 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
-@functools.lru_cache(maxsize=None)
+_COMPILED: list = []  # [module or None] once looked up (a plain cache: torch.compile traces through it)
+
+
 def compiled_module():
     """``onepass._C`` or None (warns once when it is missing)."""
+    if _COMPILED:
+        return _COMPILED[0]
+    _COMPILED.append(_load_compiled())
+    return _COMPILED[0]
+
+
+def _load_compiled():
     try:
         from onepass import _C
     except ImportError as exc:
@@ -29,7 +37,7 @@ def compiled_module():
             "backends are disabled and CPU tensors use the plain-PyTorch 'torch' backend. Reinstall "
             "with `pip install -e .` to build it.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
     return _C
@@ -39,9 +47,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def backend_status(backend: str, device_type: str) -> tuple[bool, str]:

@@ -43,6 +43,7 @@ def check_linear(prefix: str, hidden, weight, bias):
         raise ValueError(f"{prefix}weight has D={weight.shape[1]} but {prefix}hidden has D={d} "
                          f"(weight must be [V, D], the nn.Linear(D, V).weight layout)")
     _validate.check_same_dtype(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight})
+    _validate.check_vocab(f"{prefix}weight", weight.shape[0])
     if bias is not None:
         _validate.check_float(f"{prefix}bias", bias)
         if bias.shape != (weight.shape[0],):

@@ -17,6 +17,11 @@ def check_float(name: str, t: torch.Tensor, min_dim: int = 1) -> None:
         raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
 
 
+def check_vocab(name: str, v: int) -> None:
+    if v == 0:
+        raise ValueError(f"{name} has an empty vocabulary (V=0)")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {k: v.device for k, v in present.items()}
@@ -37,7 +42,7 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
 
 def check_temperature(temperature: float) -> float:
     t = float(temperature)
-    if not (t > 0.0) or math.isinf(t):
+    if not 0.0 < t < math.inf:  # also rejects NaN; a plain comparison traces under torch.compile
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return t
 

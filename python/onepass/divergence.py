@@ -63,6 +63,7 @@ def divergence(student_logits, teacher_logits, *, kind="reverse_kl", beta=0.5, a
     code, beta, alpha = kernel_kind(kind, beta, alpha)
     T = _validate.check_temperature(temperature)
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
+    _validate.check_vocab("student_logits", v)
     t = _public.kernel_targets(targets, lead, v, ignore_index)
     be = _public.pick_backend(backend, student_logits, "divergence")
     if be == "torch":

@@ -28,6 +28,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     T = _validate.check_temperature(temperature)
     _validate.check_same_device(logits=logits, targets=targets)
     lead, v = logits.shape[:-1], logits.shape[-1]
+    _validate.check_vocab("logits", v)
     t = _public.kernel_targets(targets, lead, v, ignore_index)
     be = _public.pick_backend(backend, logits, "token_logprobs")
     if be == "torch":

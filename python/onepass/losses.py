@@ -117,12 +117,12 @@ def _check_token_tensor(name, t, shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)} but targets have shape {tuple(shape)}")
 
 
-def _check_loss_inputs(hidden, weight, targets, mask, bias):
-    d, v = _public.check_linear("", hidden, weight, bias)
+def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix=""):
+    d, v = _public.check_linear(prefix, hidden, weight, bias)
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{prefix}hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
     if targets.shape != hidden.shape[:2]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)} but hidden is {tuple(hidden.shape)}: "
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but {prefix}hidden is {tuple(hidden.shape)}: "
                          "targets must be [B, T]")
     if mask is None:
         raise ValueError("mask [B, T] is required (1 for response tokens, 0 for prompt and padding)")
@@ -259,7 +259,7 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
     Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
     [V, Dt], targets (the sampled tokens) and mask [B, T].  Returns (loss, metrics).
     """
-    ds, v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias)
+    ds, v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_")
     dt, vt = _public.check_linear("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     if vt != v:
         raise ValueError(f"teacher_weight has V={vt} but student_weight has V={v}")

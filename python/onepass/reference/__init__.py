@@ -10,3 +10,4 @@ from .vocab import (  # noqa: F401
     token_logprobs,
 )
 from .advantages import group_advantages  # noqa: F401
+from .sinkhorn import sinkhorn_distance  # noqa: F401
