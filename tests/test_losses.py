@@ -1,12 +1,11 @@
 """grpo_loss / opd_loss vs naive PyTorch losses that materialize [B, T, V] logits (TRL/verl style)."""
-import itertools
 
 import pytest
 import torch
 
 import onepass
 
-from _helpers import backend_cases, interpreted
+from _helpers import backend_cases
 
 BACKENDS = backend_cases()
 

@@ -6,115 +6,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-cpu = pytest.importorskip("onepass.backends.cpu")
-try:
-    from onepass import _C  # noqa: F401
-
-    _HAVE_C = hasattr(_C, "vocab_stats_fwd_cpu")
-except ImportError:  # pragma: no cover
-    _HAVE_C = False
-pytestmark = pytest.mark.skipif(not _HAVE_C, reason="onepass._C without the CPU vocab-stats kernels")
+from onepass.backends import cpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 KINDS = list(range(8))
 KIND_NAMES = ["none", "reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"]
 
 
-# ----------------------------------------------------------------------------- float64 reference
-def _divergence(la, lb, p, q, fin, kind, beta, alpha):
-    """Per-row divergence from its plain formula; la/lb/p/q are 0 outside `fin` (the finite entries)."""
-    z = torch.zeros_like(la)
-    if kind == 1:  # KL(p || q)
-        t = p * (la - lb)
-    elif kind == 2:  # KL(q || p)
-        t = q * (lb - la)
-    elif kind == 3:  # generalized JSD, m = beta q + (1 - beta) p
-        m = beta * q + (1 - beta) * p
-        lm = torch.log(torch.where(fin, m, torch.ones_like(m)))
-        t = beta * q * (lb - lm) + (1 - beta) * p * (la - lm)
-    elif kind == 4:
-        t = 0.5 * (p - q).abs()
-    elif kind == 5:
-        t = (p.sqrt() - q.sqrt()) ** 2
-    elif kind == 6:
-        qs = torch.where(fin, q, torch.ones_like(q))
-        t = (p - q) ** 2 / qs
-    elif kind == 7:
-        t = torch.exp(alpha * la + (1 - alpha) * lb)
-        t = torch.where(fin, t, z)
-        return (t.sum(-1) - 1.0) / (alpha * (alpha - 1.0))
-    else:
-        return torch.zeros(la.shape[0], dtype=la.dtype)
-    return torch.where(fin, t, z).sum(-1)
-
-
-def ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha):
-    """float64 (lse_a, lse_b, logp_a, logp_b, H, D) per row, differentiable w.r.t. za, zb."""
-    xa = za * inv_temp
-    lse_a = torch.logsumexp(xa, -1)
-    la_full = torch.log_softmax(xa, -1)
-    fin = torch.isfinite(za)
-    la = torch.where(fin, la_full, torch.zeros_like(la_full))
-    p = torch.where(fin, la.exp(), torch.zeros_like(la))
-    H = -(p * la).sum(-1)
-    n = za.shape[0]
-    zeros = torch.zeros(n, dtype=za.dtype)
-    if zb is not None:
-        xb = zb * inv_temp
-        lse_b = torch.logsumexp(xb, -1)
-        lb_full = torch.log_softmax(xb, -1)
-        lb = torch.where(fin, lb_full, torch.zeros_like(lb_full))
-        q = torch.where(fin, lb.exp(), torch.zeros_like(lb))
-        D = _divergence(la, lb, p, q, fin, kind, beta, alpha)
-    else:
-        lse_b, lb_full, D = zeros, None, zeros
-    if targets is not None:
-        y = targets.clamp_min(0)[:, None]
-        logp_a = la_full.gather(-1, y)[:, 0]
-        logp_b = lb_full.gather(-1, y)[:, 0] if zb is not None else zeros
-    else:
-        logp_a = logp_b = zeros
-    return lse_a, lse_b, logp_a, logp_b, H, D
-
-
-def reference(a, b, targets, inv_temp, kind, beta, alpha, grads):
-    """float64 stats [N, 6] (lse_a, lse_b, logp_a, logp_b, H, D) and autograd grads w.r.t. a and b."""
-    za = a.detach().double().requires_grad_(True)
-    zb = b.detach().double().requires_grad_(True) if b is not None else None
-    q = ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha)
-    keep = torch.ones(a.shape[0], dtype=torch.float64) if targets is None else (targets >= 0).double()
-    g = grads.double()
-    loss = (keep * (g[:, 0] * q[2] + g[:, 1] * q[3] + g[:, 2] * q[4] + g[:, 3] * q[5])).sum()
-    inputs = [za] + ([zb] if zb is not None else [])
-    gr = torch.autograd.grad(loss, inputs, allow_unused=True)
-    ga = gr[0] if gr[0] is not None else torch.zeros_like(za)
-    gb = None
-    if zb is not None:
-        gb = gr[1] if gr[1] is not None else torch.zeros_like(zb)
-    stats = torch.stack([t.detach() for t in q], -1) * keep[:, None]
-    return stats, ga, gb
-
-
-# ----------------------------------------------------------------------------- helpers
-def make_inputs(n, v, dtype, *, seed=0, with_ninf=True, scale=2.0, ignored=True):
-    g = torch.Generator().manual_seed(seed)
-    a = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
-    b = (a.double() + torch.randn(n, v, generator=g, dtype=torch.float64) * scale * 0.5).to(dtype)
-    if with_ninf and v >= 4:
-        mask = torch.rand(n, v, generator=g) < 0.15
-        mask[:, 0] = False  # keep every row with a finite entry
-        a[mask] = float("-inf")
-        b[mask] = float("-inf")
-    targets = torch.zeros(n, dtype=torch.int64)
-    for r in range(n):
-        finite = torch.nonzero(torch.isfinite(a[r])).flatten()
-        targets[r] = finite[torch.randint(len(finite), (1,), generator=g)].item()
-    if ignored and n >= 3:
-        targets[1] = -1
-    grads = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    return a, b, targets, grads
+from _vocab_stats_ref import assert_close, make_inputs, reference  # noqa: E402
 
 
 def tol_for(dtype):
@@ -124,12 +24,6 @@ def tol_for(dtype):
 def grad_tol_for(dtype):
     # fp16/bf16 gradients are rounded to the input dtype on output
     return {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
-
-
-def assert_close(got, ref, tol, what):
-    got = got.double()
-    scale = max(1.0, ref[torch.isfinite(ref)].abs().max().item()) if ref.numel() else 1.0
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def run_case(n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, *, with_targets=True, seed=0, with_ninf=True):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from . import _ops, _public, _validate
 from .reference import vocab as ref
 

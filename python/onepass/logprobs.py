@@ -8,8 +8,6 @@ NaN policy: a NaN logit makes that row's outputs NaN and leaves every other row 
 """
 from __future__ import annotations
 
-import torch
-
 from . import _ops, _public, _validate
 from .reference import vocab as ref
 

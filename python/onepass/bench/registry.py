@@ -22,7 +22,9 @@ UPSTREAM_ROWS = 8
 
 CORE_PROVIDERS = ("onepass", "naive")
 #: peers: listed only on a CUDA device and only when importable
-PEER_PROVIDERS = ("torch.compile(naive)", "liger", "cce")
+PEER_PROVIDERS = ("torch.compile(naive)", "liger", "cce", "pot")
+#: peers that also run on the CPU (when importable)
+CPU_PEERS = ("pot",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,9 @@ class Family:
     order: int = 100          # position in the default listing (then by name)
 
     def rows(self, shape: dict) -> int:
-        return int(shape["N"]) if "N" in shape else int(shape["B"] * shape["T"])
+        if "N" in shape:
+            return int(shape["N"])
+        return int(shape["G"]) if "G" in shape else int(shape["B"] * shape["T"])
 
 
 def family(name: str, *, op: str, make_inputs, providers: dict, shapes: dict, grad_inputs, **kw) -> Family:
@@ -183,11 +187,12 @@ def cases(device: str = "cpu", *, quick: bool = False, names=None, dtype: Option
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def peer_status() -> dict:
-    """{peer: (available, reason)} for this machine (peers run on CUDA devices only)."""
+    """{peer: (available, reason)} for this machine (peers run on CUDA devices only, but CPU_PEERS)."""
     cuda = torch.cuda.is_available()
     st = {}
-    for peer, module in (("torch.compile(naive)", None), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
-        if not cuda:
+    for peer, module in (("torch.compile(naive)", None), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy"),
+                         ("pot", "ot")):
+        if not cuda and peer not in CPU_PEERS:
             st[peer] = (False, "GPU only (no CUDA device)")
             continue
         if module is None:
@@ -220,6 +225,9 @@ def providers_for(fam: Family, device: str, only=None) -> dict:
         for peer in ("liger", "cce"):
             if peer in fam.providers and st[peer][0]:
                 out[peer] = fam.providers[peer]
+    for peer in CPU_PEERS:
+        if peer in fam.providers and peer_status()[peer][0]:
+            out[peer] = fam.providers[peer]
     if only:
         out = {k: v for k, v in out.items() if k in only}
     return out
