@@ -24,8 +24,11 @@ from torch import Tensor
 STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV = 2, 3, 4, 5
 GRAD_COLUMNS = (STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV)
 
-#: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient).
-CHUNK_BYTES = 32 * 1024 * 1024
+#: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient), per
+#: device type.  CPU: 8 MiB keeps N=4096, D=1024, V=32000 fwd+bwd at ~8% of the naive peak memory while
+#: staying ~25% faster than naive (16 MiB: 9.6%, 32 MiB: 16%; measured 2026-11-23, 2 cores).  GPU: larger
+#: chunks keep the dW GEMM (K = rows) efficient; not yet tuned on a GPU.
+CHUNK_BYTES = {"cpu": 8 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 
 _LAUNCHERS = {
     "triton": "onepass.triton_kernels.vocab_stats",
@@ -42,8 +45,9 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(v: int, itemsize: int) -> int:
-    return max(16, CHUNK_BYTES // max(1, v * max(itemsize, 4)))
+def _rows_per_chunk(x: Tensor, v: int) -> int:
+    budget = CHUNK_BYTES.get(x.device.type, CHUNK_BYTES["cuda"])
+    return max(16, budget // max(1, v * max(x.element_size(), 4)))
 
 
 def _upstream(g_stats: Tensor) -> Tensor:
@@ -126,7 +130,7 @@ def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_t
                                           need_entropy)
     n, v = ha.shape[0], wa.shape[0]
     stats = ha.new_zeros((n, 8), dtype=stats_dtype(ha))
-    step = _rows_per_chunk(v, ha.element_size())
+    step = _rows_per_chunk(ha, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         a = _chunk_logits(ha[s:e], wa, bias_a)
@@ -188,7 +192,7 @@ def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stat
     acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
     need_a = any(needs[0:3])
     need_b = hb is not None and any(needs[3:6])
-    step = _rows_per_chunk(v, ha.element_size())
+    step = _rows_per_chunk(ha, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         dza, dzb = grad_logits_chunk(
@@ -274,7 +278,7 @@ def linear_fused_loss_chunked(backend, ha, wa, bias_a, hb, wb, bias_b, targets, 
     acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
     need_a, need_b = any(needs[0:3]), hb is not None and any(needs[3:6])
     total = torch.zeros((), dtype=torch.float32, device=ha.device)
-    step = _rows_per_chunk(v, ha.element_size())
+    step = _rows_per_chunk(ha, v)
     for s in range(0, n, step):
         e = min(n, s + step)
         a = _chunk_logits(ha[s:e], wa, bias_a)
