@@ -316,6 +316,7 @@ class FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_stats):
-        grads = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        # in place: the buffers are ours, and a copy would double the weight-gradient memory
+        grads = tuple(None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return (*grads, None)

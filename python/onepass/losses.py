@@ -194,18 +194,32 @@ def _eager_gradients(*tensors) -> bool:
             and any(t is not None and t.requires_grad for t in tensors))
 
 
+def _one_pass(be, hidden, weight, bias, hidden_b, weight_b, bias_b, targets, inv_temp, kind, beta, alpha,
+              need_entropy, token_loss):
+    """A loss Σ token_loss(stats chunk) on the chunked backends, forward and backward in the same pass:
+    each chunk's logits are computed once (three matrix products per chunk for the trained model, one for
+    the frozen second model — as many as the naive loss — instead of a separate recompute backward).
+    The second model (reference / teacher) never receives gradient.  Returns (loss, stats [N, 8])."""
+    detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
+    args = (_public.rows(hidden, hidden.shape[-1]), weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            _public.rows(hidden_b.detach(), hidden_b.shape[-1]) if hidden_b is not None else None,
+            detach(weight_b), detach(bias_b))
+    run = lambda needs: _ops.linear_fused_loss_chunked(  # noqa: E731
+        be, *args, targets, inv_temp, kind, beta, alpha, need_entropy, token_loss, needs)
+    return _ops.FusedLinearLoss.apply(*args, run)
+
+
 def _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, advantages, mask, old_logp,
                    ref_logp, T, kl_estimator, loss_agg, terms):
-    """grpo_loss on the chunked backends with forward and backward in the same pass: each chunk's logits
-    are computed once (three matrix products per chunk in all, like the naive loss, instead of four)."""
-    d, v = hidden.shape[-1], weight.shape[0]
+    """grpo_loss on the chunked backends with forward and backward in the same pass (``_one_pass``)."""
+    v = weight.shape[0]
     shape = tk.shape
     flat = lambda x: x.reshape(-1) if x is not None else None  # noqa: E731
     w_tok = flat(aggregation_weights(mask, loss_agg))
     adv = flat(_expand_advantages(advantages, w_tok.view(shape)))
     old, ref_lp_in = flat(old_logp), flat(ref_logp)
     two = ref_hidden is not None
-    detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
     targets = _public.kernel_targets(tk, shape, v, -100)
 
     def token_kl(st, s, e):
@@ -219,13 +233,8 @@ def _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, t
                                         token_kl(st, s, e), st[:, _ops.STAT_ENTROPY], **terms)
         return (w_tok[s:e] * per_token).sum()
 
-    ha = _public.rows(hidden, d)
-    args = (ha, weight.contiguous(), bias.contiguous() if bias is not None else None,
-            _public.rows(ref_hidden.detach(), ref_hidden.shape[-1]) if two else None, detach(ref_weight),
-            detach(ref_bias))
-    run = lambda needs: _ops.linear_fused_loss_chunked(  # noqa: E731
-        be, *args, targets, 1.0 / T, 1 if two else 0, 0.0, 0.0, True, token_loss, needs)
-    loss, stats = _ops.FusedLinearLoss.apply(*args, run)
+    loss, stats = _one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, 1.0 / T,
+                            1 if two else 0, 0.0, 0.0, True, token_loss)
     st = stats.view(*shape, 8)
     kl = None
     if kl_estimator == "full":
@@ -287,6 +296,33 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
     tk_k = _public.kernel_targets(tk, targets.shape, v, -100)
     be = _public.pick_backend(backend, student_hidden, "opd_loss", _public.LINEAR_BACKENDS)
     w = aggregation_weights(mask, loss_agg)
+    if sampled:
+        lam = float(reward_scale)
+        r_lp = ref_logp.reshape(-1) if ref_logp is not None else None
+
+        def token_terms(logp, q_logp, s, e):
+            """Per-token −r·ratio with the detached G-OPD reward r."""
+            if r_lp is None:
+                reward = q_logp - logp
+            else:
+                ref_s = r_lp[s:e].to(logp.dtype)
+                reward = lam * (q_logp - ref_s) - (logp - ref_s)
+            return -reward.detach() * torch.exp(logp - logp.detach())
+    if be in ("cpu", "cuda") and _eager_gradients(student_hidden, student_weight, student_bias):
+        w_flat = w.reshape(-1)
+
+        def token_loss(st, s, e):
+            if sampled:
+                per_token = token_terms(st[:, _ops.STAT_LOGP_A], st[:, _ops.STAT_LOGP_B], s, e)
+            else:
+                per_token = st[:, _ops.STAT_DIV]
+            return (w_flat[s:e] * per_token).sum()
+
+        loss, stats = _one_pass(be, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                teacher_bias, tk_k, 1.0 / T, code, beta, alpha, False, token_loss)
+        st = stats.view(*targets.shape, 8)
+        logp, q_logp, div = st[..., _ops.STAT_LOGP_A], st[..., _ops.STAT_LOGP_B], st[..., _ops.STAT_DIV]
+        return loss, _opd_metrics(logp, q_logp, div, mask, sampled, token_terms if sampled else None)
     if be == "torch":
         th, tw = teacher_hidden.detach(), teacher_weight.detach()
         tb = teacher_bias.detach() if teacher_bias is not None else None
@@ -305,20 +341,21 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
         logp = stats[:, _ops.STAT_LOGP_A].reshape(targets.shape)
         q_logp = stats[:, _ops.STAT_LOGP_B].reshape(targets.shape)
         div = stats[:, _ops.STAT_DIV].reshape(targets.shape)
+    if sampled:
+        per_token = token_terms(logp.reshape(-1), q_logp.reshape(-1), 0, logp.numel()).view(logp.shape)
+    else:
+        per_token = div
+    loss = (w * per_token).sum()
+    return loss, _opd_metrics(logp, q_logp, div, mask, sampled, token_terms if sampled else None)
+
+
+def _opd_metrics(logp, q_logp, div, mask, sampled, token_terms):
+    logp, q_logp = logp.detach(), q_logp.detach()
     metrics = {"student_logp": _masked_mean(logp, mask), "teacher_logp": _masked_mean(q_logp, mask)}
     if sampled:
-        lam = float(reward_scale)
-        if ref_logp is None:
-            reward = q_logp - logp
-        else:
-            r_lp = ref_logp.to(logp.dtype)
-            reward = lam * (q_logp - r_lp) - (logp - r_lp)
-        reward = reward.detach()
-        ratio = torch.exp(logp - logp.detach())
-        loss = (w * (-reward * ratio)).sum()
-        metrics["reward"] = _masked_mean(reward, mask)
-        metrics["reverse_kl_sampled"] = _masked_mean((logp - q_logp).detach(), mask)
+        neg_reward = token_terms(logp.reshape(-1), q_logp.reshape(-1), 0, logp.numel()).view(logp.shape)
+        metrics["reward"] = _masked_mean(-neg_reward, mask)
+        metrics["reverse_kl_sampled"] = _masked_mean(logp - q_logp, mask)
     else:
-        loss = (w * div).sum()
-        metrics["divergence"] = _masked_mean(div, mask)
-    return loss, metrics
+        metrics["divergence"] = _masked_mean(div.detach(), mask)
+    return metrics
