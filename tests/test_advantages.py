@@ -285,8 +285,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_gpu_backends(backend, dtype):
-    if backend not in available_backends("cuda"):
-        pytest.skip(f"backend {backend} not available on CUDA tensors")
+    assert backend in available_backends("cuda"), f"backend {backend} must run on CUDA tensors on a GPU machine"
     gen = torch.Generator().manual_seed(13)
     for B in (1, 7, 1000, 4097):
         r = _rewards(B, dtype, gen)

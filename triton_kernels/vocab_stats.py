@@ -178,6 +178,20 @@ def _lse(m, s):
     return tl.where(m == float("-inf"), m, m + tl.log(s))
 
 
+@triton.jit
+def _row_block(TGT, N, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of this program (int64), their mask, targets (-1 when absent) and the live (not ignored) mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    if HAS_T:
+        y = tl.load(TGT + rows, mask=row_mask, other=-1)
+        live = row_mask & (y >= 0)
+    else:
+        y = tl.full((BLOCK_N,), -1, tl.int64)
+        live = row_mask
+    return rows, row_mask, y, live
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: per-row stats.
 # ----------------------------------------------------------------------------------------------
@@ -189,15 +203,7 @@ def _vocab_stats_fwd_kernel(
     HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
-    if HAS_T:
-        y = tl.load(TGT + rows, mask=row_mask, other=-1)
-        live = row_mask & (y >= 0)
-    else:
-        y = tl.full((BLOCK_N,), -1, tl.int64)
-        live = row_mask
+    rows, row_mask, y, live = _row_block(TGT, N, HAS_T, BLOCK_N)
     zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_a = zeros + float("-inf")
     s_a = zeros
@@ -281,16 +287,9 @@ def _vocab_grad_kernel(
     HAS_T: tl.constexpr, KIND: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows, row_mask, y, live = _row_block(TGT, N, HAS_T, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    row_mask = rows < N
     col_mask = cols < V
-    if HAS_T:
-        y = tl.load(TGT + rows, mask=row_mask, other=-1)
-        live = row_mask & (y >= 0)
-    else:
-        y = tl.full((BLOCK_N,), -1, tl.int64)
-        live = row_mask
     st = STATS + rows * 8
     gr = GRADS + rows * 4
     lse_a = tl.load(st + 0, mask=live, other=0.0)

@@ -161,19 +161,6 @@ class LinearDivergence(_KwargsModule):
                                   **self.kwargs)
 
 
-def _sinkhorn_fn():
-    """``onepass.sinkhorn_distance``, looked up at call time (falls back to ``onepass.sinkhorn``)."""
-    import onepass
-
-    fn = getattr(onepass, "sinkhorn_distance", None)
-    if fn is None:
-        try:
-            from .sinkhorn import sinkhorn_distance as fn
-        except ImportError as exc:  # pragma: no cover - depends on the installed version
-            raise NotImplementedError("onepass.sinkhorn_distance is not available in this version of onepass") from exc
-    return fn
-
-
 class SinkhornDistance(_KwargsModule):
     """Module form of :func:`onepass.sinkhorn_distance` (SinKD-style batch-wise Sinkhorn distance).
 
@@ -187,4 +174,6 @@ class SinkhornDistance(_KwargsModule):
         super().__init__(**kwargs)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor):
-        return _sinkhorn_fn()(student_logits, teacher_logits, **self.kwargs)
+        from .sinkhorn import sinkhorn_distance
+
+        return sinkhorn_distance(student_logits, teacher_logits, **self.kwargs)

@@ -43,7 +43,8 @@ def run_pot(x):
 FAMILIES = [family(
     "sinkhorn", op="sinkhorn_distance", make_inputs=make_inputs,
     providers={"onepass": run_onepass, "naive": run_naive, "pot": run_pot},
-    shapes={"cpu": [{"G": g, "V": 32000} for g in (64, 256)],
+    shapes={"cpu": [{"G": g, "V": v} for g, v in ((64, 32000), (256, 32000), (1024, 32000), (64, 151936),
+                                                   (256, 151936))],
             "cuda": [{"G": g, "V": v} for g in (64, 256, 1024) for v in (32000, 151936)],
             "quick": [{"G": 8, "V": v} for v in (256, 512)]},
     order=80, grad_inputs=("student", "teacher"),
