@@ -25,10 +25,11 @@ STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV = 2, 3, 4, 5
 GRAD_COLUMNS = (STAT_LOGP_A, STAT_LOGP_B, STAT_ENTROPY, STAT_DIV)
 
 #: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient), per
-#: device type.  CPU: 8 MiB keeps N=4096, D=1024, V=32000 fwd+bwd at ~8% of the naive peak memory while
-#: staying ~25% faster than naive (16 MiB: 9.6%, 32 MiB: 16%; measured 2026-11-23, 2 cores).  GPU: larger
+#: device type.  CPU, measured 2026-11-23 on 2 cores with the reused logits buffer: 16 MiB keeps
+#: linear_token_logprobs fwd+bwd at N=4096, D=1024, V=32000 at 8.1% of naive's peak memory and 0.61× its
+#: time (8 MiB: 7.1%, 0.68×; smaller chunks re-read the fp32 dW accumulator more often).  GPU: larger
 #: chunks keep the dW GEMM (K = rows) efficient; not yet tuned on a GPU.
-CHUNK_BYTES = {"cpu": 8 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
+CHUNK_BYTES = {"cpu": 16 * 1024 * 1024, "cuda": 256 * 1024 * 1024}
 
 _LAUNCHERS = {
     "triton": "onepass.triton_kernels.vocab_stats",
@@ -111,14 +112,32 @@ vocab_stats.register_autograd(_vocab_stats_bwd, setup_context=_vocab_stats_setup
 # ------------------------------------------------------------------------------------------------
 # Fused linear (hidden @ weight.T + bias).
 # ------------------------------------------------------------------------------------------------
-def _chunk_logits(h: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """One chunk of logits h @ w.T (+ bias).  On CUDA, bf16/fp16 operands produce fp32 logits (cuBLAS
-    accumulates in fp32 anyway; rounding the logits to bf16 would cost the kernels precision); on the
-    CPU the chunk stays in the input dtype, as the same-dtype naive computation does."""
-    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-        z = torch.mm(h, w.T, out_dtype=torch.float32)
-        return z if bias is None else z.add_(bias)
-    return h @ w.T if bias is None else torch.addmm(bias, h, w.T)
+class ChunkLogits:
+    """Logits h[s:e] @ w.T (+ bias) of successive row chunks of one model, written into one reused
+    [rows, V] buffer (a fresh allocation per chunk costs page faults and raises the peak memory).
+
+    On CUDA, bf16/fp16 operands produce fp32 logits (cuBLAS accumulates in fp32 anyway; rounding the
+    logits to bf16 would cost the kernels precision); on the CPU the chunk stays in the input dtype, as
+    the same-dtype naive computation does."""
+
+    def __init__(self, h: Tensor, w: Tensor, bias: Optional[Tensor], rows: int):
+        self.h, self.w, self.bias = h, w, bias
+        self.fp32_out = h.is_cuda and h.dtype in (torch.bfloat16, torch.float16)
+        self.buf = None if self.fp32_out else h.new_empty((min(rows, h.shape[0]), w.shape[0]))
+
+    def __call__(self, s: int, e: int) -> Tensor:
+        h = self.h[s:e]
+        if self.fp32_out:
+            z = torch.mm(h, self.w.T, out_dtype=torch.float32)
+            return z if self.bias is None else z.add_(self.bias)
+        out = self.buf[: e - s]
+        if self.bias is None:
+            return torch.mm(h, self.w.T, out=out)
+        return torch.addmm(self.bias, h, self.w.T, out=out)
+
+
+def _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, rows):
+    return ChunkLogits(ha, wa, bias_a, rows), (ChunkLogits(hb, wb, bias_b, rows) if hb is not None else None)
 
 
 def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
@@ -131,27 +150,13 @@ def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_t
     n, v = ha.shape[0], wa.shape[0]
     stats = ha.new_zeros((n, 8), dtype=stats_dtype(ha))
     step = _rows_per_chunk(ha, v)
+    logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
     for s in range(0, n, step):
         e = min(n, s + step)
-        a = _chunk_logits(ha[s:e], wa, bias_a)
-        b = _chunk_logits(hb[s:e], wb, bias_b) if hb is not None else None
+        b = logits_b(s, e) if logits_b is not None else None
         t = targets[s:e] if targets is not None else None
-        stats[s:e] = mod.vocab_stats_fwd(a, b, t, inv_temp, kind, beta, alpha, need_entropy)
+        stats[s:e] = mod.vocab_stats_fwd(logits_a(s, e), b, t, inv_temp, kind, beta, alpha, need_entropy)
     return stats
-
-
-def grad_logits_chunk(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
-                      alpha, need_a, need_b, logits=None):
-    """dL/dlogits of a chunk of rows ([rows, V] each, or None).  ``logits`` = (a, b) reuses logits the
-    caller already holds instead of recomputing them."""
-    mod = launcher(backend)
-    if backend == "triton" and logits is None:
-        return mod.linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
-                                            beta, alpha, need_a, need_b)
-    if logits is None:
-        logits = (_chunk_logits(ha, wa, bias_a), _chunk_logits(hb, wb, bias_b) if hb is not None else None)
-    return mod.vocab_stats_bwd(logits[0], logits[1], targets, stats, grads, inv_temp, kind, beta, alpha,
-                               need_a, need_b and hb is not None)
 
 
 class LinearGradAccumulator:
@@ -193,12 +198,19 @@ def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stat
     need_a = any(needs[0:3])
     need_b = hb is not None and any(needs[3:6])
     step = _rows_per_chunk(ha, v)
+    mod = launcher(backend)
+    if backend != "triton":
+        logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
     for s in range(0, n, step):
         e = min(n, s + step)
-        dza, dzb = grad_logits_chunk(
-            backend, ha[s:e], wa, bias_a, hb[s:e] if hb is not None else None, wb, bias_b,
-            targets[s:e] if targets is not None else None, stats[s:e], grads[s:e], inv_temp, kind, beta, alpha,
-            need_a, need_b)
+        t = targets[s:e] if targets is not None else None
+        if backend == "triton":  # recomputes the logits tile by tile inside the kernel
+            dza, dzb = mod.linear_vocab_grad_logits(ha[s:e], wa, bias_a, hb[s:e] if hb is not None else None, wb,
+                                                    bias_b, t, stats[s:e], grads[s:e], inv_temp, kind, beta,
+                                                    alpha, need_a, need_b)
+        else:
+            dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
+                                           stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
         acc_a.add(s, e, dza)
         if acc_b is not None:
             acc_b.add(s, e, dzb)
@@ -279,10 +291,11 @@ def linear_fused_loss_chunked(backend, ha, wa, bias_a, hb, wb, bias_b, targets, 
     need_a, need_b = any(needs[0:3]), hb is not None and any(needs[3:6])
     total = torch.zeros((), dtype=torch.float32, device=ha.device)
     step = _rows_per_chunk(ha, v)
+    logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
     for s in range(0, n, step):
         e = min(n, s + step)
-        a = _chunk_logits(ha[s:e], wa, bias_a)
-        b = _chunk_logits(hb[s:e], wb, bias_b) if hb is not None else None
+        a = logits_a(s, e)
+        b = logits_b(s, e) if logits_b is not None else None
         t = targets[s:e] if targets is not None else None
         st = mod.vocab_stats_fwd(a, b, t, inv_temp, kind, beta, alpha, need_entropy)
         stats[s:e] = st
