@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/half_convert.h"
 #include "registry.h"
 
 namespace onepass {
@@ -27,39 +28,6 @@ enum AdvEstimator : int { kAdvGrpo = 0, kAdvDrGrpo = 1, kAdvRloo = 2, kAdvReinfo
 enum AdvScale : int { kAdvScaleGroup = 0, kAdvScaleBatch = 1, kAdvScaleNone = 2 };
 constexpr double kAdvVarFloor = 1e-8;
 constexpr int64_t kAdvChunk = 4096;
-
-inline float advantages_half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: normalize
-      int e = -1;
-      do {
-        ++e;
-        mant <<= 1;
-      } while ((mant & 0x400u) == 0);
-      bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float advantages_bf16_to_float(uint16_t b) {
-  const uint32_t bits = (uint32_t)b << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 template <typename T>
 struct AdvLoad;
@@ -79,11 +47,11 @@ struct AdvBF16 {
 };
 template <>
 struct AdvLoad<AdvHalf> {
-  static float get(const AdvHalf* p, int64_t i) { return advantages_half_to_float(p[i].v); }
+  static float get(const AdvHalf* p, int64_t i) { return half_to_float(p[i].v); }
 };
 template <>
 struct AdvLoad<AdvBF16> {
-  static float get(const AdvBF16* p, int64_t i) { return advantages_bf16_to_float(p[i].v); }
+  static float get(const AdvBF16* p, int64_t i) { return bf16_to_float(p[i].v); }
 };
 
 // Deterministic sum of f(i) for i in [0, n): fixed chunks, partials added in order.

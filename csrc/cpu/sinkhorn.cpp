@@ -29,6 +29,7 @@
 #endif
 
 #include "common.h"
+#include "cpu/half_convert.h"
 #include "registry.h"
 
 namespace onepass {
@@ -36,78 +37,18 @@ namespace {
 
 constexpr int64_t kSinkhornChunk = 256;
 
-inline float sinkhorn_h2f(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t f;
-  if (exp == 0) {
-    if (mant == 0) {
-      f = sign;
-    } else {
-      int e = 113;  // 127 - 15 + 1
-      while (!(mant & 0x400u)) {
-        mant <<= 1;
-        --e;
-      }
-      f = sign | (static_cast<uint32_t>(e) << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    f = sign | 0x7f800000u | (mant << 13);
-  } else {
-    f = sign | ((exp + 112u) << 23) | (mant << 13);
-  }
-  float out;
-  std::memcpy(&out, &f, 4);
-  return out;
-}
-
-inline uint16_t sinkhorn_f2h(float v) {
-  uint32_t x;
-  std::memcpy(&x, &v, 4);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
-  if (x < 0x38800000u) {                                               // half subnormal or zero
-    float a;
-    std::memcpy(&a, &x, 4);
-    uint32_t m = static_cast<uint32_t>(std::nearbyint(a * 16777216.0f));  // units of 2^-24
-    return static_cast<uint16_t>(sign | m);
-  }
-  uint32_t h = (((x >> 23) - 112u) << 10) | ((x >> 13) & 0x3ffu);
-  uint32_t rem = x & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
-  return static_cast<uint16_t>(sign | h);
-}
-
-inline float sinkhorn_bf2f(uint16_t h) {
-  uint32_t f = static_cast<uint32_t>(h) << 16;
-  float out;
-  std::memcpy(&out, &f, 4);
-  return out;
-}
-
-inline uint16_t sinkhorn_f2bf(float v) {
-  uint32_t x;
-  std::memcpy(&x, &v, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>(x >> 16);
-}
-
 struct SinkhornF16 { uint16_t bits; };
 struct SinkhornBF16 { uint16_t bits; };
 
 template <typename Acc> inline Acc sinkhorn_load(const float* p, int64_t i) { return static_cast<Acc>(p[i]); }
 template <typename Acc> inline Acc sinkhorn_load(const double* p, int64_t i) { return static_cast<Acc>(p[i]); }
-template <typename Acc> inline Acc sinkhorn_load(const SinkhornF16* p, int64_t i) { return sinkhorn_h2f(p[i].bits); }
-template <typename Acc> inline Acc sinkhorn_load(const SinkhornBF16* p, int64_t i) { return sinkhorn_bf2f(p[i].bits); }
+template <typename Acc> inline Acc sinkhorn_load(const SinkhornF16* p, int64_t i) { return half_to_float(p[i].bits); }
+template <typename Acc> inline Acc sinkhorn_load(const SinkhornBF16* p, int64_t i) { return bf16_to_float(p[i].bits); }
 
 inline void sinkhorn_store(float* p, int64_t i, float v) { p[i] = v; }
 inline void sinkhorn_store(double* p, int64_t i, double v) { p[i] = v; }
-inline void sinkhorn_store(SinkhornF16* p, int64_t i, float v) { p[i].bits = sinkhorn_f2h(v); }
-inline void sinkhorn_store(SinkhornBF16* p, int64_t i, float v) { p[i].bits = sinkhorn_f2bf(v); }
+inline void sinkhorn_store(SinkhornF16* p, int64_t i, float v) { p[i].bits = float_to_half(v); }
+inline void sinkhorn_store(SinkhornBF16* p, int64_t i, float v) { p[i].bits = float_to_bf16(v); }
 
 // Hot loops.  The float versions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
 // time (GCC target_clones); the double versions (fp64 inputs: tests, references) are plain.
