@@ -225,7 +225,7 @@ def test_trl_entropy_mask_and_off_policy_mask_match_trl():
 def _import_bypassing_init(package, stubs):
     """Import ``package``'s submodules without executing its heavy ``__init__``; stub missing modules.
     (``pytest.importorskip(package)`` would run that ``__init__``, so availability is checked by spec.)"""
-    if importlib.util.find_spec(package) is None:
+    if package not in sys.modules and importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (optional peer)")
     for name in stubs:
         if name not in sys.modules and importlib.util.find_spec(name) is None:
