@@ -21,7 +21,7 @@ import torch
 
 from onepass.reference import advantage_variants as av
 
-from test_policy_variants_reference import _close, _import_bypassing_init
+from test_policy_variants_reference import _close, _import_bypassing_init, _import_verl
 
 F64 = torch.float64
 
@@ -40,12 +40,7 @@ def _batch(seed, B=13, T=9, singletons=True):
 
 @pytest.fixture(scope="module")
 def verl_core():
-    _import_bypassing_init("verl", ["ray"])
-    try:
-        from verl.trainer.ppo import core_algos
-    except ImportError as e:
-        pytest.skip(f"verl core_algos not importable here: {e}")
-    return core_algos
+    return _import_bypassing_init("verl", ["ray"], _import_verl).core
 
 
 def _per_token(adv, mask):

@@ -222,11 +222,15 @@ def test_trl_entropy_mask_and_off_policy_mask_match_trl():
 # ------------------------------------------------------------------------------------------------
 # verl (optional)
 # ------------------------------------------------------------------------------------------------
-def _import_bypassing_init(package, stubs):
-    """Import ``package``'s submodules without executing its heavy ``__init__``; stub missing modules.
+def _import_bypassing_init(package, stubs, importer, subpackages=()):
+    """Run ``importer()`` (imports of ``package``'s submodules) without executing the heavy ``__init__``
+    of ``package`` (and of ``subpackages``), with the missing modules ``stubs`` stubbed during the import
+    only (they are removed again, so that e.g. transformers' ``find_spec("deepspeed")`` still says
+    "absent").  Skips when the peer is not installed or its own dependencies are missing.
     (``pytest.importorskip(package)`` would run that ``__init__``, so availability is checked by spec.)"""
     if package not in sys.modules and importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (optional peer)")
+    added = []
     for name in stubs:
         if name not in sys.modules and importlib.util.find_spec(name) is None:
             stub = types.ModuleType(name)
@@ -238,24 +242,34 @@ def _import_bypassing_init(package, stubs):
 
             stub.__getattr__ = _any
             sys.modules[name] = stub
-    if not getattr(sys.modules.get(package), "__path__", None):
-        root = importlib.util.find_spec(package).submodule_search_locations
-        pkg = types.ModuleType(package)
-        pkg.__path__ = list(root)
-        sys.modules[package] = pkg
+            added.append(name)
+    for name in (package, *subpackages):
+        if not getattr(sys.modules.get(name), "__path__", None):
+            spec = importlib.util.find_spec(name)
+            pkg = types.ModuleType(name)
+            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
+            sys.modules[name] = pkg
+    try:
+        return importer()
+    except ImportError as e:  # the peer's own dependencies (tensordict, codetiming, ...) missing
+        pytest.skip(f"{package} not importable here: {e}")
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
+def _import_verl():
+    from verl.trainer.ppo import core_algos, rollout_corr_helper
+    from verl.workers.config import ActorConfig
+    from verl.workers.config.actor import PolicyLossConfig
+
+    return types.SimpleNamespace(core=core_algos, rc=rollout_corr_helper, ActorConfig=ActorConfig,
+                                 PolicyLossConfig=PolicyLossConfig)
 
 
 @pytest.fixture(scope="module")
 def verl():
-    _import_bypassing_init("verl", ["ray"])
-    try:
-        from verl.trainer.ppo import core_algos, rollout_corr_helper
-        from verl.workers.config import ActorConfig
-        from verl.workers.config.actor import PolicyLossConfig
-    except ImportError as e:  # verl's own dependencies (tensordict, codetiming, ...) missing
-        pytest.skip(f"verl core_algos not importable here: {e}")
-    return types.SimpleNamespace(core=core_algos, rc=rollout_corr_helper, ActorConfig=ActorConfig,
-                                 PolicyLossConfig=PolicyLossConfig)
+    return _import_bypassing_init("verl", ["ray"], _import_verl)
 
 
 def _verl_actor_loss(verl, d, logp, cfg, weights=None, info=None):
@@ -368,20 +382,16 @@ def test_verl_rollout_is_weights(verl, level, threshold, batch_normalize):
 # ------------------------------------------------------------------------------------------------
 # OpenRLHF (optional)
 # ------------------------------------------------------------------------------------------------
+def _import_openrlhf():
+    from openrlhf.models.loss import PolicyLoss, aggregate_loss
+    from openrlhf.models.utils import compute_approx_kl
+
+    return types.SimpleNamespace(PolicyLoss=PolicyLoss, aggregate_loss=aggregate_loss, kl=compute_approx_kl)
+
+
 @pytest.fixture(scope="module")
 def openrlhf():
-    _import_bypassing_init("openrlhf", ["deepspeed"])
-    root = sys.modules["openrlhf"].__path__[0]
-    if "openrlhf.models" not in sys.modules:
-        models = types.ModuleType("openrlhf.models")
-        models.__path__ = [root + "/models"]
-        sys.modules["openrlhf.models"] = models
-    try:
-        from openrlhf.models.loss import PolicyLoss, aggregate_loss
-        from openrlhf.models.utils import compute_approx_kl
-    except ImportError as e:
-        pytest.skip(f"openrlhf.models.loss not importable here: {e}")
-    return types.SimpleNamespace(PolicyLoss=PolicyLoss, aggregate_loss=aggregate_loss, kl=compute_approx_kl)
+    return _import_bypassing_init("openrlhf", ["deepspeed"], _import_openrlhf, subpackages=["openrlhf.models"])
 
 
 ORL_CASES = [
