@@ -379,6 +379,22 @@ def test_verl_rollout_is_weights(verl, level, threshold, batch_normalize):
     _close(ours.expand(peer.shape) * d["mask"], peer, 1e-10, "rollout_is_weights")
 
 
+@pytest.mark.parametrize("options", [
+    {"token_k1": (0.8, 1.25)}, {"token_k2": 0.02}, {"token_k3": 0.02}, {"seq_sum_k1": (0.5, 2.0)},
+    {"seq_sum_k2": 0.3}, {"seq_mean_k3": 0.045}, {"seq_mean_k1": (0.9, 1.1)}, {"seq_max_k2": 0.05},
+    {"token_k1": (0.6, 1.8), "seq_mean_k3": 0.02, "seq_max_k3": 0.1},
+], ids=lambda o: ",".join(o))
+def test_verl_rollout_rejection_mask(verl, options):
+    d = _inputs(_seed(options), spread=0.3)
+    spec = ",".join(f"{lo}_{hi}" if isinstance(b, tuple) else str(b) for b in options.values()
+                    for lo, hi in [b if isinstance(b, tuple) else (None, None)])
+    peer, _ = verl.rc.compute_rollout_rejection_mask(d["old"] - d["rollout"], d["mask"].to(F64),
+                                                     rollout_rs=",".join(options), rollout_rs_threshold=spec)
+    ours = pv.rollout_rejection_mask(d["old"], d["rollout"], d["mask"], options)
+    assert 0 < ours.sum() < d["mask"].sum()  # some tokens kept, some rejected
+    assert torch.equal(ours, peer.to(F64))
+
+
 # ------------------------------------------------------------------------------------------------
 # OpenRLHF (optional)
 # ------------------------------------------------------------------------------------------------

@@ -367,6 +367,41 @@ def rollout_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, 
     return w.detach()
 
 
+def rollout_rejection_mask(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, options: dict) -> Tensor:
+    """verl's rejection sampling (``compute_rollout_rejection_mask``): the mask [B, T] with the tokens, or
+    whole sequences, whose train/rollout divergence is out of bounds set to 0.
+
+    x_t = clamp(old_logp − rollout_logp, ±20); per token k1 = −x, k2 = x²/2, k3 = exp(x) − 1 − x.
+    ``options`` maps verl option names to bounds: "token_k{1,2,3}" (per token), "seq_sum_k{1,2,3}",
+    "seq_mean_k{1,2,3}" (masked sum / mean over the sequence), "seq_max_k{2,3}" (masked max, 0 for an
+    empty row).  k1 options take a (low, high) pair kept as log(low) ≤ k1 ≤ log(high) — note that k1 is
+    log(π_rollout/π_train), so the band bounds the inverse of the train/rollout ratio; the others take an
+    upper bound.  Every option must pass.
+    """
+    m = _m(mask)
+    x = (_f64(old_logp) - _f64(rollout_logp)).clamp(-20.0, 20.0)
+    per_token = {"k1": -x, "k2": 0.5 * x * x, "k3": torch.exp(x) - 1.0 - x}
+    keep = torch.ones_like(m)
+    for name, bound in options.items():
+        level, _, kind = name.rpartition("_")
+        value = per_token[kind]
+        if level == "seq_sum":
+            value = _where_masked(value, mask).sum(-1, keepdim=True)
+        elif level == "seq_mean":
+            value = masked_mean(value, mask, dim=-1).unsqueeze(-1)
+        elif level == "seq_max":
+            value = torch.where(mask.bool(), value, torch.full_like(value, -math.inf)).amax(-1, keepdim=True)
+            value = torch.where(torch.isinf(value), torch.zeros_like(value), value)
+        elif level != "token":
+            raise ValueError(f"unknown rejection option {name!r}")
+        if kind == "k1":
+            ok = (value >= math.log(bound[0])) & (value <= math.log(bound[1]))
+        else:
+            ok = value <= bound
+        keep = keep * ok.to(torch.float64)
+    return m * keep
+
+
 def off_policy_sequence_mask(logp: Tensor, sampling_logp: Tensor, advantages: Tensor, mask: Tensor,
                              threshold: float) -> Tensor:
     """TRL / DeepSeek-V3.2 off-policy sequence mask [B, 1] (or [B, T] for per-token advantages): keep a
