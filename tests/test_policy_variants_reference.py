@@ -228,7 +228,7 @@ def _import_bypassing_init(package, stubs, importer, subpackages=()):
     only (they are removed again, so that e.g. transformers' ``find_spec("deepspeed")`` still says
     "absent").  Skips when the peer is not installed or its own dependencies are missing.
     (``pytest.importorskip(package)`` would run that ``__init__``, so availability is checked by spec.)"""
-    if package not in sys.modules and importlib.util.find_spec(package) is None:
+    if getattr(sys.modules.get(package), "__path__", None) is None and importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (optional peer)")
     added = []
     for name in stubs:
@@ -502,6 +502,23 @@ def test_aggregate_empty_batch_and_bad_arguments():
         pv.policy_loss(x, x[:, 0], mask=empty, objective="dro")
     with pytest.raises(ValueError, match="kl_estimator"):
         pv.kl_penalty(x, x, "k4")
+    with pytest.raises(ValueError, match="kl_gradient"):
+        pv.kl_penalty(x, x, "k3", gradient="k3")
+    with pytest.raises(ValueError, match="gating"):
+        pv.rollout_is_weights(x, x, empty, gating="chi2")
+    with pytest.raises(ValueError, match="mode"):
+        pv.rollout_is_weights(x, x, empty, mode="clip")
+    with pytest.raises(ValueError, match="rejection option"):
+        pv.rollout_rejection_mask(x, x, empty, {"seq_min_k2": 0.1})
+    with pytest.raises(ValueError, match="beta"):
+        pv.policy_loss(x, x[:, 0], mask=empty, beta=0.1)
+    for preset, bad in ((pv.trl_grpo, "ppo"), (pv.verl_ppo, "ppo"), (pv.openrlhf_ppo, "grpo")):
+        with pytest.raises(ValueError, match="loss_type|loss_mode"):
+            preset(bad)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        pv.trl_grpo("dapo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        pv.trl_grpo("dr_grpo")
 
 
 @pytest.mark.parametrize("agg", pv.LOSS_AGG_MODES)
