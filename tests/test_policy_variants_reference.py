@@ -104,11 +104,14 @@ def _trl_loss(d, logp, cfg, is_ratio=None, sampling=None):
     args = types.SimpleNamespace(delta=cfg.get("delta"), use_bias_correction_kl=cfg.get("use_bias_correction_kl", True),
                                  sapo_temperature_pos=cfg.get("sapo_temperature_pos", 1.0),
                                  sapo_temperature_neg=cfg.get("sapo_temperature_neg", 1.05),
-                                 steps_per_generation=cfg.get("steps_per_generation", 1),
+                                 steps_per_generation=cfg.get("steps_per_generation",  # GRPOConfig: = gas
+                                                              cfg.get("gradient_accumulation_steps", 1)),
                                  vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
     coef = cfg.get("entropy_coef", 0.0)
+    accelerator = _Accelerator()
+    accelerator.num_processes = cfg.get("num_processes", 1)  # this rank's share of num_items_in_batch
     trainer = types.SimpleNamespace(
-        args=args, accelerator=_Accelerator(), model=types.SimpleNamespace(training=True),
+        args=args, accelerator=accelerator, model=types.SimpleNamespace(training=True),
         top_entropy_quantile=cfg.get("top_entropy_quantile", 1.0),
         off_policy_mask_threshold=cfg.get("off_policy_mask_threshold"),
         importance_sampling_level=cfg.get("importance_sampling_level", "token"), beta=cfg.get("beta", 0.0),
@@ -142,6 +145,7 @@ TRL_CASES = [
     dict(loss_type="dr_grpo", max_completion_length=16, beta=0.02),
     dict(loss_type="dapo", epsilon_high=0.28, gradient_accumulation_steps=2, steps_per_generation=4, entropy_coef=0.01),
     dict(loss_type="dapo", top_entropy_quantile=0.4, entropy_coef=0.02, beta=0.04),
+    dict(loss_type="cispo", num_processes=4, gradient_accumulation_steps=2),
     dict(loss_type="dapo", off_policy_mask_threshold=0.02, sampling=True),
     dict(loss_type="dapo", importance_sampling_level="sequence", is_mode="sequence_mask"),
     dict(loss_type="dapo", is_mode="token_truncate", is_min=0.5),
