@@ -480,9 +480,10 @@ def test_openrlhf_compute_approx_kl(openrlhf, estimator, unbiased):
     peer = _loss_and_grad(lambda x: ((openrlhf.kl(x, d["ref"], log_probs_old=d["old"], kl_estimator=estimator,
                                                   unbiased_gradient=unbiased) * d["mask"]).sum(), {}), d["logp"])
     kw = pv.openrlhf_ppo(kl_estimator=estimator, unbiased_gradient=unbiased)
-    ours = _loss_and_grad(lambda x: ((pv.kl_penalty(x, d["ref"], estimator, log_ratio_clamp=kw.get("kl_log_ratio_clamp"),
-                                                    value_clamp=kw["kl_value_clamp"], gradient=kw["kl_gradient"],
-                                                    old_logp=d["old"]) * d["mask"]).sum(), {}), d["logp"])
+    options = dict(log_ratio_clamp=kw.get("kl_log_ratio_clamp"), value_clamp=kw["kl_value_clamp"],
+                   gradient=kw["kl_gradient"], old_logp=d["old"])
+    ours = _loss_and_grad(lambda x: ((pv.kl_penalty(x, d["ref"], estimator, **options) * d["mask"]).sum(), {}),
+                          d["logp"])
     _compare(peer, ours, 1e-6)  # compute_approx_kl casts to float32
 
 

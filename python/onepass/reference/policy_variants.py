@@ -136,7 +136,8 @@ def log_importance_ratio(logp: Tensor, old_logp, mask: Tensor, level: str = "tok
 # Per-token objectives: each returns (ℓ [B, T] or [B, 1], metrics dict of [B, T] / [B, 1] indicators)
 # ----------------------------------------------------------------------------------------------------
 def _ppo_clip(ctx, epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, ratio_cap=None, **_):
-    """ℓ = max(−A·min(r, cap), −A·clip(r, 1−ε_low, 1+ε_high)); dual clip c: ℓ = min(ℓ, −A·c) where A < 0."""
+    """ℓ = max(−A·min(r, cap), −A·clip(r, 1−ε_low, 1+ε_high));
+    dual clip c: ℓ = min(ℓ, −A·c) where A < 0."""
     A, ratio = ctx["A"], torch.exp(ctx["log_ratio"])
     capped = ratio if ratio_cap is None else ratio.clamp(max=ratio_cap)
     pg1 = -A * capped
