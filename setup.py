@@ -54,7 +54,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "matplotlib", "rich"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pot"],
+        "test": ["pytest", "pytest-benchmark", "pot", "trl"],
         "peers": ["liger-kernel", "cut-cross-entropy", "pot", "trl"],
     },
     zip_safe=False,
