@@ -4,10 +4,13 @@
 
 namespace onepass {
 
-// dtype codes passed from Python (python/onepass/backends/_common.py DTYPE_CODES).
+// The kernel contract, mirrored from python/onepass/_contract.py (DType, Kind, Stat, Grad); the test
+// tests/test_kernel_contract.py::test_compiled_contract_matches_python compares the compiled values.
+
+// dtype codes passed from Python.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// Divergence kinds of the vocab-stats kernels (docs/vocab_stats.md; python/onepass/_kinds.py).
+// Divergence kinds of the vocab-stats kernels (docs/vocab_stats.md).
 enum Kind : int {
   kNone = 0,
   kReverseKL = 1,
@@ -17,7 +20,10 @@ enum Kind : int {
   kHellinger = 5,
   kChi2 = 6,
   kAlpha = 7,
+  kNumKinds = 8,
 };
+
+inline bool valid_kind(int kind) { return kind >= kNone && kind < kNumKinds; }
 
 // Columns of the per-row stats array [N, kNumStats] written by the forward kernels.
 enum StatColumn : int {

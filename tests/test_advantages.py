@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from onepass._dispatch import available_backends  # noqa: E402
-from onepass.advantages import _group_advantages_op, group_advantages  # noqa: E402
+from onepass._ops.advantages import _group_advantages_op  # noqa: E402
+from onepass.advantages import group_advantages  # noqa: E402
 from onepass.reference.advantages import group_advantages as reference  # noqa: E402
 
 BACKENDS = [b for b in ("triton", "cpu", "torch") if b in available_backends("cpu")]

@@ -304,7 +304,7 @@ def test_forced_cuda_backend_on_cpu_tensors(f):
 def test_forced_triton_without_gpu_or_interpreter(monkeypatch):
     from onepass import _dispatch
 
-    if not _dispatch._triton_installed():
+    if not _dispatch._TRITON_INSTALLED:
         pytest.skip("triton is not installed (the error then says so; checked below)")
     monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run here: .*CUDA tensors"):

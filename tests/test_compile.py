@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import onepass
-from onepass import _ops
+
 
 from _helpers import backend_cases
 
@@ -45,15 +45,16 @@ def test_opcheck_vocab_stats(backend, device, kind, beta, alpha):
     a = torch.randn(n, v, device=device, requires_grad=True)
     b = torch.randn(n, v, device=device, requires_grad=True) if kind else None
     t = _kernel_targets(n, v, device)
-    args = (a, b, t, 1 / 0.7, kind, beta, alpha, True, backend)
+    hyper = torch.tensor([1 / 0.7, beta, alpha], dtype=torch.float64)
+    args = (a, b, t, kind, hyper, True, backend)
     _opcheck(torch.ops.onepass.vocab_stats.default, args)
-    stats = _ops.vocab_stats(*args).detach()
+    stats = torch.ops.onepass.vocab_stats.default(*args).detach()
     grads = torch.randn(n, 4, device=device)
     for need_a, need_b in [(True, kind != 0), (True, False), (False, kind != 0)]:
         if not (need_a or need_b):
             continue
-        bargs = (a.detach(), b.detach() if b is not None else None, t, stats, grads, 1 / 0.7, kind, beta, alpha,
-                 need_a, need_b, backend)
+        bargs = (a.detach(), b.detach() if b is not None else None, t, stats, grads, kind, hyper, need_a, need_b,
+                 backend)
         _opcheck(torch.ops.onepass.vocab_stats_backward.default, bargs)
 
 
@@ -72,17 +73,18 @@ def test_opcheck_linear_vocab_stats(backend, device, kind, beta, alpha, second):
     wb = torch.randn(v, dr, device=device, requires_grad=True) if second else None
     bias_b = torch.randn(v, device=device) if second else None
     t = _kernel_targets(n, v, device)
-    args = (ha, wa, bias_a, hb, wb, bias_b, t, 1.3, kind, beta, alpha, True, backend)
+    hyper = torch.tensor([1.3, beta, alpha], dtype=torch.float64)
+    args = (ha, wa, bias_a, hb, wb, bias_b, t, kind, hyper, True, backend)
     _opcheck(torch.ops.onepass.linear_vocab_stats.default, args)
-    stats = _ops.linear_vocab_stats(*args).detach()
+    stats = torch.ops.onepass.linear_vocab_stats.default(*args).detach()
     grads = torch.randn(n, 4, device=device)
     det = lambda x: x.detach() if x is not None else None  # noqa: E731
     needs_list = [[True, True, True, second, second, False],
                   [False, True, False, False, False, False],
                   [True, False, False, False, False, False]]
     for needs in needs_list:
-        bargs = (det(ha), det(wa), det(bias_a), det(hb), det(wb), det(bias_b), t, stats, grads, 1.3, kind, beta,
-                 alpha, needs, backend)
+        bargs = (det(ha), det(wa), det(bias_a), det(hb), det(wb), det(bias_b), t, stats, grads, kind, hyper, needs,
+                 backend)
         _opcheck(torch.ops.onepass.linear_vocab_stats_backward.default, bargs)
 
 

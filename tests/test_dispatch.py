@@ -7,16 +7,17 @@ import torch
 
 import onepass
 from onepass import _dispatch
+from onepass.backends import _common
 
 
 def test_available_backends_here():
     backends = onepass.available_backends("cpu")
     assert "torch" in backends and "cpu" in backends  # CI builds onepass._C
-    assert _dispatch.resolve_backend("auto", torch.device("cpu"), ("triton", "cuda", "cpu", "torch"), "op") == "cpu"
+    assert _dispatch.resolve_backend("auto", torch.zeros(1), "vocab_stats", "op") == "cpu"
 
 
 def test_missing_compiled_module_falls_back_to_torch_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_dispatch, "_COMPILED", [])
+    monkeypatch.setattr(_common, "_COMPILED", [])
     monkeypatch.setitem(sys.modules, "onepass._C", None)  # the import now fails, as with no build
     monkeypatch.delattr(onepass, "_C", raising=False)
     x = torch.randn(4, 50)

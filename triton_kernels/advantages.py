@@ -3,7 +3,7 @@
 Groups arrive in CSR form: ``offsets`` [S+1] int64 and, for ragged ``group_ids``, ``perm`` [B] int64
 (the members of segment s are ``perm[offsets[s]:offsets[s+1]]``; without ``perm`` they are the
 consecutive positions ``offsets[s]:offsets[s+1]``).  The launcher in
-``onepass.backends.advantages`` builds them with a stable sort, so the order of every reduction is a
+``onepass._ops.advantages`` builds them with a stable sort, so the order of every reduction is a
 function of the inputs alone.
 
 - ``_adv_segment_kernel``: one program per block of SEG_BLOCK segments, a [SEG_BLOCK, MEM_BLOCK] tile
@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from onepass._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
+
 # Segment-kernel modes.
 SEG_CENTER = 0       # r - mean_g
 SEG_GROUP_STD = 1    # (r - mean_g) / (std_g + eps), unbiased std_g
@@ -38,9 +40,10 @@ BATCH_MEAN_VAR = 1   # stats[0] = mean of x, stats[1] = biased variance of x
 
 VAR_FLOOR = 1e-8
 
-# Estimator / scale codes (python/onepass/backends/advantages.py, csrc/cpu/advantages.cpp).
-EST_GRPO, EST_DR_GRPO, EST_RLOO, EST_REINFORCE_PP = 0, 1, 2, 3
-SCALE_GROUP, SCALE_BATCH, SCALE_NONE = 0, 1, 2
+# Estimator / scale codes (onepass._contract, csrc/cpu/advantages.cpp).
+EST_GRPO, EST_DR_GRPO, EST_RLOO, EST_REINFORCE_PP = (ADVANTAGE_ESTIMATORS.index(n)
+                                                     for n in ("grpo", "dr_grpo", "rloo", "reinforce_pp"))
+SCALE_GROUP, SCALE_BATCH, SCALE_NONE = (ADVANTAGE_SCALES.index(n) for n in ("group", "batch", "none"))
 
 
 @triton.jit
@@ -68,10 +71,25 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
         first = tl.load(perm_ptr + start, mask=live, other=0)
     else:
         first = start
-    shift = tl.load(r_ptr + first, mask=live, other=0).to(ACC)
     cols = tl.arange(0, MEM_BLOCK)
     nf = n.to(ACC)
     n_safe = tl.maximum(nf, 1.0)
+
+    # Pass 0: scale-safe sums: the group is summed as r / k with k a power of two near its largest |r|
+    # (exact scaling), so that rewards near the float range limit do not overflow.
+    amax = tl.zeros([SEG_BLOCK], dtype=ACC)
+    for j0 in range(0, nmax, MEM_BLOCK):
+        j = j0 + cols
+        m = smask[:, None] & (j[None, :] < n[:, None])
+        pos = start[:, None] + j[None, :]
+        if HAS_PERM:
+            idx = tl.load(perm_ptr + pos, mask=m, other=0)
+        else:
+            idx = pos
+        v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+        amax = tl.maximum(amax, tl.max(tl.where(m, tl.abs(v), 0.0), axis=1))
+    k = tl.where(amax > 0.0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))), 1.0)
+    shift = tl.load(r_ptr + first, mask=live, other=0).to(ACC) / k
 
     # Pass 1: mean around the shift.
     s1 = tl.zeros([SEG_BLOCK], dtype=ACC)
@@ -84,8 +102,8 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
         else:
             idx = pos
         v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
-        s1 += tl.sum(tl.where(m, v - shift[:, None], 0.0), axis=1)
-    mean = shift + s1 / n_safe
+        s1 += tl.sum(tl.where(m, v / k[:, None] - shift[:, None], 0.0), axis=1)
+    mean_k = shift + s1 / n_safe  # mean / k
 
     # Per-segment denominators / factors.
     if MODE == 1:  # SEG_GROUP_STD: pass 2, sum of squared deviations.
@@ -99,10 +117,10 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
             else:
                 idx = pos
             v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
-            d = tl.where(m, v - mean[:, None], 0.0)
+            d = tl.where(m, v / k[:, None] - mean_k[:, None], 0.0)
             s2 += tl.sum(d * d, axis=1)
-        var = s2 / tl.maximum(nf - 1.0, 1.0)
-        denom = _sqrt(var, ACC) + eps
+        var_k = s2 / tl.maximum(nf - 1.0, 1.0)
+        denom = _sqrt(var_k, ACC) + eps / k  # (std + eps) / k: divides x / k below
     elif MODE == 2:  # SEG_BATCH_STD
         bstd = tl.load(stats_ptr).to(ACC)
         denom = tl.zeros([SEG_BLOCK], dtype=ACC) + (bstd + eps)
@@ -126,7 +144,10 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
         else:
             idx = pos
         v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
-        x = v - mean[:, None]
+        if MODE == 1:
+            x = v / k[:, None] - mean_k[:, None]
+        else:
+            x = v - (mean_k * k)[:, None]
         if MODE == 4:
             adv = (x - bmean) * rstd
         elif MODE == 0:
@@ -221,3 +242,7 @@ def group_advantages_triton(rewards: torch.Tensor, perm: torch.Tensor | None, of
         raise ValueError(f"unknown estimator code {estimator}")
     _launch_segments(rewards, perm, offsets, out, stats, num_segments, max_n, mode, eps, acc)
     return out
+
+
+#: The launcher under the name every backend's advantages module uses (onepass._dispatch.LAUNCHERS).
+group_advantages = group_advantages_triton

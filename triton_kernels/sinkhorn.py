@@ -23,15 +23,14 @@ no block pointers, no libdevice (the kernels run under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from onepass._contract import Cost
+from onepass._dispatch import triton_interpreting as _interpreting
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+L1, SQEUCLIDEAN, HELLINGER = (tl.constexpr(int(c)) for c in Cost)
 
 
 @triton.jit
@@ -69,13 +68,13 @@ def _sinkhorn_cost_kernel(A, B, LSE_A, LSE_B, OUT_C, OUT_A, OUT_B, N, V, G, n_ib
         cmask = cols < V
         p, zp = _prob_tile(A, LSE_A, rows_i, cols, mask_i, cmask, stride_a, inv_temp)
         q, zq = _prob_tile(B, LSE_B, rows_j, cols, mask_j, cmask, stride_b, inv_temp)
-        if KIND == 0:
+        if KIND == L1:
             p3 = p[:, None, :]
             d = p3 - q[None, :, :]
             s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             acc_c += tl.sum(tl.abs(d), axis=2)
             acc_a += tl.sum(p3 * s, axis=2)
-        elif KIND == 1:
+        elif KIND == SQEUCLIDEAN:
             acc_c = tl.dot(p, tl.trans(q), acc_c, input_precision="ieee")
             n_i += tl.sum(p * p, axis=1)
             n_j += tl.sum(q * q, axis=1)
@@ -85,14 +84,14 @@ def _sinkhorn_cost_kernel(A, B, LSE_A, LSE_B, OUT_C, OUT_A, OUT_B, N, V, G, n_ib
             acc_c = tl.dot(sp, tl.trans(sq), acc_c, input_precision="ieee")
             n_i += tl.sum(p, axis=1)
             n_j += tl.sum(q, axis=1)
-    if KIND == 0:
+    if KIND == L1:
         acc_b = acc_c - acc_a  # sum q sign(q - p) = sum (p - q) sign(p - q) - sum p sign(p - q)
-    elif KIND == 1:
+    elif KIND == SQEUCLIDEAN:
         dot = acc_c
         acc_c = n_i[:, None] + n_j[None, :] - 2.0 * dot
         acc_a = 2.0 * (n_i[:, None] - dot)
         acc_b = 2.0 * (n_j[None, :] - dot)
-    elif KIND == 2:
+    elif KIND == HELLINGER:
         dot = acc_c
         acc_c = n_i[:, None] + n_j[None, :] - 2.0 * dot
         acc_a = -dot
@@ -127,18 +126,18 @@ def _sinkhorn_grad_kernel(X, Y, LSE_X, LSE_Y, GM, SX, RSX, OUT, N, V, G, n_ibloc
         gm = tl.load(GM + rows_i[:, None].to(tl.int64) * G + jj[None, :],
                      mask=mask_i[:, None] & mask_j[None, :], other=0.0)
         y, zy = _prob_tile(Y, LSE_Y, rows_j, cols, mask_j, cmask, stride_y, inv_temp)
-        if KIND == 0:
+        if KIND == L1:
             d = x[:, None, :] - y[None, :, :]
             s = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             acc += tl.sum(gm[:, :, None] * s, axis=1)
-        elif KIND == 1:
+        elif KIND == SQEUCLIDEAN:
             acc = tl.dot(gm, y, acc, input_precision="ieee")
         else:
             acc = tl.dot(gm, tl.exp(0.5 * zy), acc, input_precision="ieee")
     sx = tl.load(SX + rows_i, mask=mask_i, other=0.0)
-    if KIND == 0:
+    if KIND == L1:
         w = x * acc
-    elif KIND == 1:
+    elif KIND == SQEUCLIDEAN:
         rs = tl.load(RSX + rows_i, mask=mask_i, other=0.0)
         w = 2.0 * x * (rs[:, None] * x - acc)
     else:
@@ -149,10 +148,10 @@ def _sinkhorn_grad_kernel(X, Y, LSE_X, LSE_Y, GM, SX, RSX, OUT, N, V, G, n_ibloc
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers (called by python/onepass/backends/sinkhorn.py).
+# Launchers (signatures in onepass._ops.sinkhorn).
 # ----------------------------------------------------------------------------------------------
 def _blocks(kind: int) -> tuple[int, int, int]:
-    if kind == 0:
+    if kind == Cost.L1:
         return 16, 16, (16 if _interpreting() else 32)
     return 16, 16, 64
 
@@ -184,7 +183,7 @@ def sinkhorn_grad(x: torch.Tensor, y: torch.Tensor, lse_x: torch.Tensor, lse_y: 
     if n == 0:
         return out
     bi, bj, bv = _blocks(kind)
-    if kind != 0:
+    if kind != Cost.L1:
         bv = 64
     n_ib = triton.cdiv(g, bi)
     n_groups = triton.cdiv(n, g)

@@ -15,19 +15,23 @@ switches are `tl.constexpr`.  No autotuning: block sizes are picked by the launc
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-NUM_STATS = 8
-NUM_GRADS = 4
+from onepass._contract import NUM_GRADS, NUM_STATS, Grad, Kind, Stat
+from onepass._dispatch import triton_interpreting as _interpreting
+
 NEG_INF = float("-inf")
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The kernel contract (onepass._contract) as compile-time constants of the kernels.
+STATS_STRIDE = tl.constexpr(NUM_STATS)
+GRADS_STRIDE = tl.constexpr(NUM_GRADS)
+LSE_A, LSE_B, LOGP_A, LOGP_B, ENTROPY, DIV, SUM_A, SUM_B = (
+    tl.constexpr(int(c)) for c in (Stat.LSE_A, Stat.LSE_B, Stat.LOGP_A, Stat.LOGP_B, Stat.ENTROPY, Stat.DIV,
+                                   Stat.SUM_A, Stat.SUM_B))
+G_LOGP_A, G_LOGP_B, G_ENTROPY, G_DIV = (tl.constexpr(int(c)) for c in (Grad.LOGP_A, Grad.LOGP_B, Grad.ENTROPY, Grad.DIV))
+NONE, REVERSE_KL, FORWARD_KL, JSD, TV, HELLINGER, CHI2, ALPHA = (tl.constexpr(int(k)) for k in Kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,28 +81,28 @@ def _j(x, w):
 def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
     """(phi, phi_a, phi_b) of docs/vocab_stats.md for one tile; 0 where p = q = 0."""
     zero = tl.zeros_like(p)
-    if KIND == 1:  # reverse KL
+    if KIND == REVERSE_KL:  # reverse KL
         d = tl.where(p > 0.0, p * (la - lb), zero)
         phi = d
         phi_a = d
         phi_b = q - p
-    elif KIND == 2:  # forward KL
+    elif KIND == FORWARD_KL:  # forward KL
         d = tl.where(q > 0.0, q * (lb - la), zero)
         phi = d
         phi_a = p - q
         phi_b = d
-    elif KIND == 3:  # generalized JSD
+    elif KIND == JSD:  # generalized JSD
         d_a = -_j(lb - la, beta)
         d_b = -_j(la - lb, 1.0 - beta)
         phi_a = tl.where(p > 0.0, (1.0 - beta) * p * d_a, zero)
         phi_b = tl.where(q > 0.0, beta * q * d_b, zero)
         phi = phi_a + phi_b
-    elif KIND == 4:  # total variation
+    elif KIND == TV:  # total variation
         sgn = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
         phi = 0.5 * tl.abs(p - q)
         phi_a = 0.5 * sgn * p
         phi_b = -0.5 * sgn * q
-    elif KIND == 5:  # squared Hellinger
+    elif KIND == HELLINGER:  # squared Hellinger
         ea = _expm1(0.5 * (lb - la))
         eb = _expm1(0.5 * (la - lb))
         sq = tl.exp(0.5 * (la + lb))  # √(pq)
@@ -108,7 +112,7 @@ def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
         phi_a = tl.where(p > 0.0, phi_a, zero)
         phi_b = tl.where(la - lb > 1.0, q - sq, -q * eb)
         phi_b = tl.where(q > 0.0, phi_b, zero)
-    elif KIND == 6:  # Pearson chi^2
+    elif KIND == CHI2:  # Pearson chi^2
         e = _expm1(la - lb)
         r = tl.exp(2.0 * la - lb)  # p²/q, used where la − lb > 1 (no cancellation, no inf·tiny)
         big = la - lb > 1.0
@@ -121,7 +125,7 @@ def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
         phi = tl.where(q_zero, tl.where(p_zero, zero, inf), phi)
         phi_a = tl.where(q_zero, tl.where(p_zero, zero, inf), phi_a)
         phi_b = tl.where(q_zero, tl.where(p_zero, zero, -inf), phi_b)
-    else:  # KIND == 7: Amari alpha
+    else:  # KIND == ALPHA: Amari alpha
         ga = _g(p, la, lb - la, 1.0 - alpha)
         gb = _g(q, lb, la - lb, alpha)
         hi = -(ga + p - q) / alpha
@@ -175,7 +179,8 @@ def _online(m, s, x):
 
 @triton.jit
 def _lse(m, s):
-    return tl.where(m == float("-inf"), m, m + tl.log(s))
+    # m = -inf: no finite logit; s * 0 keeps a NaN logit there NaN (tl.max skips NaN, the sum does not)
+    return tl.where(m == float("-inf"), m + s * 0.0, m + tl.log(s))
 
 
 @triton.jit
@@ -228,12 +233,15 @@ def _vocab_stats_fwd_kernel(
                             LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
             m_b, s_b, scale_b, e_b = _online(m_b, s_b, b)
             y_b += tl.sum(tl.where(hit, b, 0.0), 1)
-            if KIND == 1:
+            if KIND == REVERSE_KL:
                 k = k * scale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), 1)
-            if KIND == 2:
+            if KIND == FORWARD_KL:
                 k = k * scale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), 1)
     lse_a = _lse(m_a, s_a)
-    lse_b = _lse(m_b, s_b)
+    if HAS_B:
+        lse_b = _lse(m_b, s_b)
+    else:
+        lse_b = zeros  # the contract: every b-statistic is 0 without b
     if NEED_ENT:
         ent = lse_a - t_a / s_a
     else:
@@ -241,13 +249,13 @@ def _vocab_stats_fwd_kernel(
     div = zeros
     sum_a = zeros
     sum_b = zeros
-    if KIND == 1:
+    if KIND == REVERSE_KL:
         div = k / s_a - lse_a + lse_b
         sum_a = div
-    if KIND == 2:
+    if KIND == FORWARD_KL:
         div = k / s_b - lse_b + lse_a
         sum_b = div
-    if KIND >= 3:
+    if KIND >= JSD:  # the kinds that need both normalizers first
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
@@ -259,21 +267,24 @@ def _vocab_stats_fwd_kernel(
             div += tl.sum(phi, 1)
             sum_a += tl.sum(phi_a, 1)
             sum_b += tl.sum(phi_b, 1)
-    out = STATS + rows * 8
-    tl.store(out + 0, tl.where(live, lse_a, 0.0), mask=row_mask)
-    tl.store(out + 1, tl.where(live, lse_b, 0.0), mask=row_mask)
+        # NaN policy: a row with a NaN logit or no finite logit has a NaN divergence (the φ terms
+        # guard p = q = 0 and would otherwise give 0 there)
+        div = tl.where((lse_a - lse_a == 0.0) & (lse_b - lse_b == 0.0), div, float("nan"))
+    out = STATS + rows * STATS_STRIDE
+    tl.store(out + LSE_A, tl.where(live, lse_a, 0.0), mask=row_mask)
+    tl.store(out + LSE_B, tl.where(live, lse_b, 0.0), mask=row_mask)
     if HAS_T:
         # a target ≥ V (unchecked under torch.compile) gives NaN, never a wrong finite number
         in_range = y < V
-        tl.store(out + 2, tl.where(live, tl.where(in_range, y_a - lse_a, float("nan")), 0.0), mask=row_mask)
-        tl.store(out + 3, tl.where(live, tl.where(in_range, y_b - lse_b, float("nan")), 0.0), mask=row_mask)
+        tl.store(out + LOGP_A, tl.where(live, tl.where(in_range, y_a - lse_a, float("nan")), 0.0), mask=row_mask)
+        tl.store(out + LOGP_B, tl.where(live, tl.where(in_range, y_b - lse_b, float("nan")), 0.0), mask=row_mask)
     else:
-        tl.store(out + 2, zeros, mask=row_mask)
-        tl.store(out + 3, zeros, mask=row_mask)
-    tl.store(out + 4, tl.where(live, ent, 0.0), mask=row_mask)
-    tl.store(out + 5, tl.where(live, div, 0.0), mask=row_mask)
-    tl.store(out + 6, tl.where(live, sum_a, 0.0), mask=row_mask)
-    tl.store(out + 7, tl.where(live, sum_b, 0.0), mask=row_mask)
+        tl.store(out + LOGP_A, zeros, mask=row_mask)
+        tl.store(out + LOGP_B, zeros, mask=row_mask)
+    tl.store(out + ENTROPY, tl.where(live, ent, 0.0), mask=row_mask)
+    tl.store(out + DIV, tl.where(live, div, 0.0), mask=row_mask)
+    tl.store(out + SUM_A, tl.where(live, sum_a, 0.0), mask=row_mask)
+    tl.store(out + SUM_B, tl.where(live, sum_b, 0.0), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,15 +301,15 @@ def _vocab_grad_kernel(
     rows, row_mask, y, live = _row_block(TGT, N, HAS_T, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_mask = cols < V
-    st = STATS + rows * 8
-    gr = GRADS + rows * 4
-    lse_a = tl.load(st + 0, mask=live, other=0.0)
-    ent = tl.load(st + 4, mask=live, other=0.0)
-    s_a = tl.load(st + 6, mask=live, other=0.0)
-    g_la = tl.load(gr + 0, mask=live, other=0.0)
-    g_lb = tl.load(gr + 1, mask=live, other=0.0)
-    g_h = tl.load(gr + 2, mask=live, other=0.0)
-    g_d = tl.load(gr + 3, mask=live, other=0.0)
+    st = STATS + rows * STATS_STRIDE
+    gr = GRADS + rows * GRADS_STRIDE
+    lse_a = tl.load(st + LSE_A, mask=live, other=0.0)
+    ent = tl.load(st + ENTROPY, mask=live, other=0.0)
+    s_a = tl.load(st + SUM_A, mask=live, other=0.0)
+    g_la = tl.load(gr + G_LOGP_A, mask=live, other=0.0)
+    g_lb = tl.load(gr + G_LOGP_B, mask=live, other=0.0)
+    g_h = tl.load(gr + G_ENTROPY, mask=live, other=0.0)
+    g_d = tl.load(gr + G_DIV, mask=live, other=0.0)
     hit = cols[None, :] == y[:, None]
     la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
                      LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
@@ -306,13 +317,13 @@ def _vocab_grad_kernel(
     p_la_h = tl.where(p > 0.0, p * (la + ent[:, None]), 0.0)
     d_a = g_la[:, None] * (tl.where(hit, 1.0, 0.0) - p) - g_h[:, None] * p_la_h
     if HAS_B:
-        lse_b = tl.load(st + 1, mask=live, other=0.0)
-        s_b = tl.load(st + 7, mask=live, other=0.0)
+        lse_b = tl.load(st + LSE_B, mask=live, other=0.0)
+        s_b = tl.load(st + SUM_B, mask=live, other=0.0)
         lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
                          LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
         q = tl.exp(lb)
         d_b = g_lb[:, None] * (tl.where(hit, 1.0, 0.0) - q)
-        if KIND > 0:
+        if KIND != NONE:
             phi, phi_a, phi_b = _phi(la, lb, p, q, beta, alpha, KIND)
             d_a += g_d[:, None] * (phi_a - p * s_a[:, None])
             d_b += g_d[:, None] * (phi_b - q * s_b[:, None])
@@ -353,7 +364,7 @@ def _empty_stats(n: int, device) -> torch.Tensor:
 
 
 def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
-    """Per-row stats [N, 8] fp32 of logits a [N, V] (and b [N, V]); see docs/vocab_stats.md."""
+    """Per-row stats [N, NUM_STATS] fp32 of logits a [N, V] (and b [N, V]); see docs/vocab_stats.md."""
     _check_dtype(a)
     n, v = a.shape
     stats = _empty_stats(n, a.device)
@@ -373,7 +384,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
 
 
 def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
-    """(dL/da, dL/db) [N, V] in the input dtype from stats [N, 8] and upstream grads [N, 4]."""
+    """(dL/da, dL/db) [N, V] in the input dtype from stats [N, NUM_STATS] and upstream grads [N, NUM_GRADS]."""
     n, v = a.shape
     ga = torch.empty_like(a) if need_grad_a else None
     gb = torch.empty_like(b) if (need_grad_b and b is not None) else None
@@ -402,7 +413,7 @@ def _dot_f32(h: torch.Tensor) -> bool:
 
 
 def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy):
-    """Per-row stats [N, 8] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored."""
+    """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored."""
     _check_dtype(ha)
     n, d = ha.shape
     v = wa.shape[0]

@@ -98,27 +98,39 @@ void advantages_run(const T* r, const int64_t* perm, const int64_t* off, int64_t
       seg_mean[s] = 0;
       continue;
     }
-    const A shift = val(member(lo));
+    // Scale-safe: the group is summed as r / k with k a power of two near its largest |r| (exact
+    // scaling), so that rewards near the float range limit do not overflow the sums.
+    A amax = 0;
+    for (int64_t j = lo; j < hi; ++j) amax = std::max(amax, A(std::abs(val(member(j)))));
+    const A k = (amax > A(0) && std::isfinite(amax)) ? A(std::exp2(std::floor(std::log2(amax)))) : A(1);
+    const A shift = val(member(lo)) / k;
     A s1 = 0;
-    for (int64_t j = lo; j < hi; ++j) s1 += val(member(j)) - shift;
-    const A mean = shift + s1 / A(n);
+    for (int64_t j = lo; j < hi; ++j) s1 += val(member(j)) / k - shift;
+    const A mean_k = shift + s1 / A(n);  // mean / k
+    const A mean = mean_k * k;
     seg_mean[s] = mean;
     if (n == 1) {
       out[member(lo)] = A(0);
       continue;
     }
-    A factor = 1;  // adv = (r - mean) * factor  or  / denom
-    bool divide = false;
-    A denom = 1;
     if (estimator == kAdvGrpo && scale == kAdvScaleGroup) {
       A s2 = 0;
       for (int64_t j = lo; j < hi; ++j) {
-        const A d = val(member(j)) - mean;
+        const A d = val(member(j)) / k - mean_k;
         s2 += d * d;
       }
-      denom = std::sqrt(s2 / A(n - 1)) + eps;
-      divide = true;
-    } else if (estimator == kAdvGrpo && scale == kAdvScaleBatch) {
+      A denom_k = std::sqrt(s2 / A(n - 1)) + eps / k;  // (std + eps) / k
+      if (!(denom_k > A(0))) denom_k = A(1);  // only with eps = 0 and equal rewards (x = 0)
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t i = member(j);
+        out[i] = (val(i) / k - mean_k) / denom_k;
+      }
+      continue;
+    }
+    A factor = 1;  // adv = (r - mean) * factor  or  / denom
+    bool divide = false;
+    A denom = 1;
+    if (estimator == kAdvGrpo && scale == kAdvScaleBatch) {
       denom = batch_std + eps;
       divide = true;
     } else if (estimator == kAdvRloo) {

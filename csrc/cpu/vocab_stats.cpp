@@ -124,8 +124,9 @@ Params<A> make_params(double inv_temp, int kind, double beta, double alpha) {
 }
 
 void check_kind_dtype(int kind, int dtype) {
-  if (kind < kNone || kind > kAlpha)
-    throw std::invalid_argument("vocab_stats (cpu): bad kind " + std::to_string(kind) + " (expected 0..7)");
+  if (!valid_kind(kind))
+    throw std::invalid_argument("vocab_stats (cpu): bad kind " + std::to_string(kind) + " (expected 0.." +
+                                std::to_string(kNumKinds - 1) + ")");
   if (dtype < kFloat32 || dtype > kFloat64)
     throw std::invalid_argument("vocab_stats (cpu): bad dtype code " + std::to_string(dtype) + " (expected 0..3)");
 }

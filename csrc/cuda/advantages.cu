@@ -45,6 +45,13 @@ __device__ __forceinline__ A adv_warp_sum(A v) {
   return v;
 }
 
+template <typename A>
+__device__ __forceinline__ A adv_warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 template <typename T, typename A>
 __global__ void advantages_segment_kernel(const T* __restrict__ r, const int64_t* __restrict__ perm,
                                           const int64_t* __restrict__ off, int64_t S, int mode, A eps,
@@ -55,21 +62,29 @@ __global__ void advantages_segment_kernel(const T* __restrict__ r, const int64_t
   const int64_t lo = off[s], hi = off[s + 1], n = hi - lo;
   if (n <= 0) return;
   auto member = [&](int64_t j) -> int64_t { return perm ? perm[j] : j; };
-  const A shift = adv_to_acc(r[member(lo)], A(0));
+  // Scale-safe: the group is summed as r / k with k a power of two near its largest |r| (exact
+  // scaling), so that rewards near the float range limit do not overflow the sums.
+  A amax = 0;
+  for (int64_t j = lo + lane; j < hi; j += 32) amax = max(amax, abs(adv_to_acc(r[member(j)], A(0))));
+  amax = adv_warp_max(amax);
+  const A k = (amax > A(0) && isfinite(double(amax))) ? A(exp2(floor(log2(double(amax))))) : A(1);
+  const A shift = adv_to_acc(r[member(lo)], A(0)) / k;
   A s1 = 0;
-  for (int64_t j = lo + lane; j < hi; j += 32) s1 += adv_to_acc(r[member(j)], A(0)) - shift;
+  for (int64_t j = lo + lane; j < hi; j += 32) s1 += adv_to_acc(r[member(j)], A(0)) / k - shift;
   s1 = adv_warp_sum(s1);
   const A nf = A(n);
-  const A mean = shift + adv_div(s1, nf);
+  const A mean_k = shift + adv_div(s1, nf);  // mean / k
+  const A mean = mean_k * k;
   A denom = 1, bmean = 0, rstd = 1;
-  if (mode == kAdvSegGroupStd) {
+  const bool group_std = mode == kAdvSegGroupStd;
+  if (group_std) {
     A s2 = 0;
     for (int64_t j = lo + lane; j < hi; j += 32) {
-      const A d = adv_to_acc(r[member(j)], A(0)) - mean;
+      const A d = adv_to_acc(r[member(j)], A(0)) / k - mean_k;
       s2 += d * d;
     }
     s2 = adv_warp_sum(s2);
-    denom = adv_sqrt(adv_div(s2, n > 1 ? nf - A(1) : A(1))) + eps;
+    denom = adv_sqrt(adv_div(s2, n > 1 ? nf - A(1) : A(1))) + eps / k;  // (std + eps) / k
   } else if (mode == kAdvSegBatchStd) {
     denom = stats[0] + eps;
   } else if (mode == kAdvSegRloo) {
@@ -82,7 +97,7 @@ __global__ void advantages_segment_kernel(const T* __restrict__ r, const int64_t
   if (!(denom > A(0))) denom = A(1);  // std + eps = 0 only with eps = 0 and equal rewards (x = 0)
   for (int64_t j = lo + lane; j < hi; j += 32) {
     const int64_t i = member(j);
-    const A x = adv_to_acc(r[i], A(0)) - mean;
+    const A x = group_std ? adv_to_acc(r[i], A(0)) / k - mean_k : adv_to_acc(r[i], A(0)) - mean;
     A adv;
     if (mode == kAdvSegWhiten) {
       adv = (x - bmean) * rstd;

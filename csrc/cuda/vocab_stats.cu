@@ -726,7 +726,7 @@ cudaError_t bwd_typed(const void* a, const void* b, const int64_t* targets, cons
 cudaError_t vocab_stats_fwd(const void* a, const void* b, const int64_t* targets, float* stats,
                             int64_t N, int64_t V, int dtype, float inv_temp, int kind, float beta,
                             float alpha, bool need_entropy, uintptr_t stream) {
-  if (N < 0 || V < 0 || kind < kNone || kind > kAlpha) return cudaErrorInvalidValue;
+  if (N < 0 || V < 0 || !valid_kind(kind)) return cudaErrorInvalidValue;
   if (kind != kNone && !b) return cudaErrorInvalidValue;
   Params P;
   if (!make_params(inv_temp, kind, beta, alpha, &P)) return cudaErrorInvalidValue;
@@ -745,7 +745,7 @@ cudaError_t vocab_stats_bwd(const void* a, const void* b, const int64_t* targets
                             const float* grads, void* grad_a, void* grad_b, int64_t N, int64_t V,
                             int dtype, float inv_temp, int kind, float beta, float alpha,
                             uintptr_t stream) {
-  if (N < 0 || V < 0 || kind < kNone || kind > kAlpha) return cudaErrorInvalidValue;
+  if (N < 0 || V < 0 || !valid_kind(kind)) return cudaErrorInvalidValue;
   if ((kind != kNone || grad_b) && !b) return cudaErrorInvalidValue;
   Params P;
   if (!make_params(inv_temp, kind, beta, alpha, &P)) return cudaErrorInvalidValue;

@@ -54,8 +54,9 @@ void check_args(const char* fn, int64_t N, int64_t V, int dtype, int kind, doubl
   if (N < 0 || V < 0)
     throw py::value_error(where + "N and V must be >= 0, got N=" + std::to_string(N) +
                           ", V=" + std::to_string(V));
-  if (kind < kNone || kind > kAlpha)
-    throw py::value_error(where + "kind must be in 0..7, got " + std::to_string(kind));
+  if (!valid_kind(kind))
+    throw py::value_error(where + "kind must be in 0.." + std::to_string(kNumKinds - 1) + ", got " +
+                          std::to_string(kind));
   if (kind == kJSD && !(beta > 0.0 && beta < 1.0))
     throw py::value_error(where + "jsd (kind 3) needs 0 < beta < 1, got " + std::to_string(beta));
   if (kind == kAlpha && (alpha == 0.0 || alpha == 1.0 || !(alpha - alpha == 0.0)))

@@ -1,6 +1,6 @@
 """onepass: everything an RL / distillation trainer computes over the vocabulary, in one pass.
 
-Public API (../shared/API.md): token log-probs and entropy, KL to a reference, f-divergences, Sinkhorn
+Public API (docs/api.md in the repository): token log-probs and entropy, KL to a reference, f-divergences, Sinkhorn
 distances, group advantages and fused GRPO / OPD losses; ``onepass.nn`` holds module wrappers.
 Importing onepass never initializes CUDA.
 """

@@ -8,9 +8,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_float(name: str, t: torch.Tensor, min_dim: int = 1) -> None:
+def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor, min_dim: int = 1) -> None:
+    check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if t.dim() < min_dim:
@@ -24,11 +28,15 @@ def check_vocab(name: str, v: int) -> None:
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     present = {k: v for k, v in tensors.items() if v is not None}
+    for name, t in present.items():
+        check_tensor(name, t)
     devices = {k: v.device for k, v in present.items()}
     first_name, first = next(iter(devices.items()))
     for name, dev in devices.items():
         if dev != first:
             raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: all tensors must be on one device")
+    if first.type == "meta":
+        raise ValueError(f"{first_name} is a meta tensor (no data): onepass ops need CPU or CUDA tensors")
     return first
 
 
@@ -51,8 +59,7 @@ def check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, ign
                   name: str = "targets") -> torch.Tensor:
     """Validate targets [...] int64 in [0, V) or == ignore_index; return the kernel form [N] with -1
     marking ignored rows."""
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
+    check_tensor(name, targets)
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {targets.dtype}")
     if targets.shape != lead_shape:
@@ -66,3 +73,43 @@ def check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, ign
             raise ValueError(f"{name} has value {int(flat[i])} at flat position {i}, outside [0, {vocab}) "
                              f"and not ignore_index={ignore_index}")
     return torch.where(ignored, torch.full_like(flat, -1), flat).contiguous()
+
+
+def kernel_targets(targets, lead_shape, vocab, ignore_index, name="targets"):
+    """``check_targets`` of optional targets (None stays None)."""
+    if targets is None:
+        return None
+    return check_targets(targets, lead_shape, vocab, ignore_index, name)
+
+
+def check_linear(prefix: str, hidden, weight, bias):
+    """Validate one model's hidden [..., D], weight [V, D], bias [V] (same dtype); returns (D, V)."""
+    check_float(f"{prefix}hidden", hidden)
+    check_float(f"{prefix}weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must be [V, D], got shape {tuple(weight.shape)}")
+    d = hidden.shape[-1]
+    if d == 0:
+        raise ValueError(f"{prefix}hidden has an empty hidden dimension (D=0), shape {tuple(hidden.shape)}")
+    if weight.shape[1] != d:
+        raise ValueError(f"{prefix}weight has D={weight.shape[1]} but {prefix}hidden has D={d} "
+                         f"(weight must be [V, D], the nn.Linear(D, V).weight layout)")
+    check_vocab(f"{prefix}weight", weight.shape[0])
+    if bias is not None:
+        check_float(f"{prefix}bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must be [V]=[{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    check_same_dtype(**{f"{prefix}hidden": hidden, f"{prefix}weight": weight, f"{prefix}bias": bias})
+    return d, weight.shape[0]
+
+
+def check_second_model(prefix: str, hidden, weight, bias, first_prefix: str, first_hidden, vocab: int) -> None:
+    """Validate the second model (reference / teacher) of a two-model sweep against the first: its own
+    hidden/weight/bias, the same vocabulary, leading shape and dtype."""
+    _, v = check_linear(prefix, hidden, weight, bias)
+    if v != vocab:
+        raise ValueError(f"{prefix}weight has V={v} but {first_prefix}weight has V={vocab}: the vocabularies must match")
+    if hidden.shape[:-1] != first_hidden.shape[:-1]:
+        raise ValueError(f"{prefix}hidden has leading shape {tuple(hidden.shape[:-1])} but {first_prefix}hidden has "
+                         f"{tuple(first_hidden.shape[:-1])}")
+    check_same_dtype(**{f"{first_prefix}hidden": first_hidden, f"{prefix}hidden": hidden})

@@ -26,38 +26,12 @@ from typing import Optional
 
 import torch
 
-from onepass._dispatch import resolve_backend
-from onepass._validate import check_float
-from onepass.backends.advantages import ESTIMATORS, SCALES, LAUNCHERS, segments
+from . import _dispatch
+from ._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
+from ._ops import advantages as _op
+from ._validate import check_float
 
 __all__ = ["group_advantages"]
-
-_SUPPORTED = ("triton", "cuda", "cpu", "torch")
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("onepass::group_advantages", mutates_args=())
-def _group_advantages_op(rewards: torch.Tensor, group_ids: Optional[torch.Tensor], group_size: int,
-                         estimator: str, scale: str, eps: float, backend: str) -> torch.Tensor:
-    """Validated inputs: ``rewards`` [B] contiguous, either ``group_ids`` [B] or ``group_size`` > 0."""
-    if backend == "torch":
-        from onepass.reference.advantages import group_advantages as ref
-
-        return ref(rewards, group_size=group_size if group_ids is None else None, group_ids=group_ids,
-                   estimator=estimator, scale=scale, eps=eps)
-    if rewards.numel() == 0:
-        return torch.empty(0, dtype=_out_dtype(rewards.dtype), device=rewards.device)
-    perm, offsets, max_n = segments(rewards, group_size if group_ids is None else None, group_ids)
-    return LAUNCHERS[backend](rewards, perm, offsets, max_n, ESTIMATORS.index(estimator),
-                              SCALES.index(scale), eps)
-
-
-@_group_advantages_op.register_fake
-def _(rewards, group_ids, group_size, estimator, scale, eps, backend):
-    return rewards.new_empty(rewards.shape, dtype=_out_dtype(rewards.dtype))
 
 
 def group_advantages(rewards: torch.Tensor, *, group_size: Optional[int] = None,
@@ -118,18 +92,19 @@ def group_advantages(rewards: torch.Tensor, *, group_size: Optional[int] = None,
             raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
         group_ids = group_ids.contiguous()
         size_arg = 0
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     eps = float(eps)
     if not (eps >= 0.0) or math.isinf(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    name = resolve_backend(backend, rewards.device, _SUPPORTED, "group_advantages")
+    name = _dispatch.resolve_backend(backend, rewards, "advantages", "group_advantages")
     rewards = rewards.detach().contiguous()
     if B and not torch.compiler.is_compiling():
         bad = ~torch.isfinite(rewards)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"rewards must be finite, got {float(rewards[i])} at position {i}")
-    return _group_advantages_op(rewards, group_ids, size_arg, estimator, scale, eps, name)
+    return _op.group_advantages(rewards, group_ids=group_ids, group_size=size_arg, estimator=estimator, scale=scale,
+                                eps=eps, backend=name)

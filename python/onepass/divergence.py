@@ -11,34 +11,9 @@ the teacher when it requires grad.
 """
 from __future__ import annotations
 
-import math
-
-from . import _ops, _public, _validate
-from .reference import vocab as ref
-
-KIND_CODES = {"reverse_kl": 1, "forward_kl": 2, "jsd": 3, "tv": 4, "hellinger": 5, "chi2": 6, "alpha": 7}
-
-
-def kernel_kind(kind: str, beta: float, alpha: float) -> tuple[int, float, float]:
-    """Validate (kind, β, α) and map the KL end points of jsd and alpha onto the KL kinds."""
-    if kind not in KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
-    beta, alpha = float(beta), float(alpha)
-    if kind == "jsd":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] for kind='jsd', got {beta}")
-        if beta == 0.0:
-            return KIND_CODES["forward_kl"], beta, alpha
-        if beta == 1.0:
-            return KIND_CODES["reverse_kl"], beta, alpha
-    if kind == "alpha":
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        if alpha == 1.0:
-            return KIND_CODES["reverse_kl"], beta, alpha
-        if alpha == 0.0:
-            return KIND_CODES["forward_kl"], beta, alpha
-    return KIND_CODES[kind], beta, alpha
+from . import _dispatch, _validate
+from ._contract import kernel_kind
+from ._ops.vocab_stats import linear_vocab_stats, vocab_stats
 
 
 def divergence(student_logits, teacher_logits, *, kind="reverse_kl", beta=0.5, alpha=0.5, temperature=1.0,
@@ -62,14 +37,10 @@ def divergence(student_logits, teacher_logits, *, kind="reverse_kl", beta=0.5, a
     T = _validate.check_temperature(temperature)
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     _validate.check_vocab("student_logits", v)
-    t = _public.kernel_targets(targets, lead, v, ignore_index)
-    be = _public.pick_backend(backend, student_logits, "divergence")
-    if be == "torch":
-        return ref.divergence(student_logits, teacher_logits, kind=kind, beta=beta, alpha=alpha, temperature=T,
-                              targets=targets, ignore_index=ignore_index)
-    stats = _ops.vocab_stats(_public.rows(student_logits, v), _public.rows(teacher_logits, v), t, 1.0 / T, code,
-                             beta, alpha, False, be)
-    return stats[:, _ops.STAT_DIV].reshape(lead)
+    t = _validate.kernel_targets(targets, lead, v, ignore_index)
+    be = _dispatch.resolve_backend(backend, student_logits, "vocab_stats", "divergence")
+    return vocab_stats(student_logits, teacher_logits, targets=t, inv_temp=1.0 / T, kind=code, beta=beta,
+                       alpha=alpha, backend=be).div
 
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
@@ -81,30 +52,17 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     Shapes: student_hidden [..., Ds], student_weight [V, Ds], teacher_hidden [..., Dt], teacher_weight
     [V, Dt] (Ds and Dt may differ: a larger teacher is fine; the leading shapes and V must match).
     """
-    ds, v = _public.check_linear("student_", student_hidden, student_weight, student_bias)
-    dt, vt = _public.check_linear("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    if vt != v:
-        raise ValueError(f"teacher_weight has V={vt} but student_weight has V={v}: the vocabularies must match")
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but student_hidden "
-                         f"has {tuple(student_hidden.shape[:-1])}")
-    _validate.check_same_dtype(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    _, v = _validate.check_linear("student_", student_hidden, student_weight, student_bias)
+    _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
+                                 v)
     _validate.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                                 teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 student_bias=student_bias, teacher_bias=teacher_bias, targets=targets)
     code, beta, alpha = kernel_kind(kind, beta, alpha)
     T = _validate.check_temperature(temperature)
     lead = student_hidden.shape[:-1]
-    t = _public.kernel_targets(targets, lead, v, ignore_index)
-    be = _public.pick_backend(backend, student_hidden, "linear_divergence", _public.LINEAR_BACKENDS)
-    if be == "torch":
-        return ref.linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                     student_bias=student_bias, teacher_bias=teacher_bias, kind=kind, beta=beta,
-                                     alpha=alpha, temperature=T, targets=targets, ignore_index=ignore_index)
-    stats = _ops.linear_vocab_stats(
-        _public.rows(student_hidden, ds), student_weight.contiguous(),
-        student_bias.contiguous() if student_bias is not None else None,
-        _public.rows(teacher_hidden, dt), teacher_weight.contiguous(),
-        teacher_bias.contiguous() if teacher_bias is not None else None,
-        t, 1.0 / T, code, beta, alpha, False, be)
-    return stats[:, _ops.STAT_DIV].reshape(lead)
+    t = _validate.kernel_targets(targets, lead, v, ignore_index)
+    be = _dispatch.resolve_backend(backend, student_hidden, "vocab_stats", "linear_divergence")
+    return linear_vocab_stats(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, targets=t, inv_temp=1.0 / T, kind=code, beta=beta, alpha=alpha,
+                              backend=be).div

@@ -4,78 +4,35 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
-from . import _ops, _public, _validate
-from .reference import vocab as ref
+from . import _dispatch, _validate
+from ._contract import Kind
+from ._ops.vocab_stats import linear_vocab_stats
 
-#: estimator name -> code of the ``onepass::kl_penalty`` op; "<name>+" adds 8 (straight-through).
-KL_ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-_STRAIGHT = 8
-
-
-def estimator_code(estimator: str) -> int:
-    straight = isinstance(estimator, str) and estimator.endswith("+")
-    name = estimator[:-1] if straight else estimator
-    if name not in KL_ESTIMATOR_CODES:
-        names = tuple(KL_ESTIMATOR_CODES) + tuple(k + "+" for k in KL_ESTIMATOR_CODES)
-        raise ValueError(f"estimator must be one of {names}, got {estimator!r}")
-    return KL_ESTIMATOR_CODES[name] + (_STRAIGHT if straight else 0)
+#: Sampled-token estimators of KL(policy‖reference) as functions of the log-ratio x = logp − ref_logp.
+KL_ESTIMATORS = {
+    "k1": lambda x: x,
+    "k2": lambda x: 0.5 * x * x,
+    "k3": lambda x: torch.expm1(-x) + x,  # exp(−x) − 1 + x, without cancellation near x = 0
+    "abs": torch.abs,
+}
 
 
-def _log_ratio(logp: Tensor, ref_logp: Tensor) -> Tensor:
+def check_estimator(estimator: str, name: str = "estimator") -> None:
+    base = estimator[:-1] if isinstance(estimator, str) and estimator.endswith("+") else estimator
+    if not isinstance(base, str) or base not in KL_ESTIMATORS:
+        names = tuple(KL_ESTIMATORS) + tuple(k + "+" for k in KL_ESTIMATORS)
+        raise ValueError(f"{name} must be one of {names}, got {estimator!r}")
+
+
+def kl_estimate(logp, ref_logp, estimator: str, clamp: float = 20.0):
+    """``kl_penalty`` without argument checks (the losses call it per token)."""
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    return logp.to(dt) - ref_logp.to(dt)
-
-
-def _value(x: Tensor, code: int) -> Tensor:
-    base = code % _STRAIGHT
-    if base == 0:
-        return x
-    if base == 1:
-        return 0.5 * x * x
-    if base == 2:
-        return torch.exp(-x) + x - 1
-    return x.abs()
-
-
-@torch.library.custom_op("onepass::kl_penalty", mutates_args=())
-def _kl_penalty_op(logp: Tensor, ref_logp: Tensor, code: int, clamp: float) -> Tensor:
-    return _value(_log_ratio(logp, ref_logp).clamp(-clamp, clamp), code)
-
-
-@_kl_penalty_op.register_fake
-def _(logp, ref_logp, code, clamp):
-    return torch.empty_like(logp, dtype=torch.float64 if logp.dtype == torch.float64 else torch.float32)
-
-
-def _kl_setup(ctx, inputs, output):
-    logp, ref_logp, code, clamp = inputs
-    ctx.save_for_backward(logp, ref_logp)
-    ctx.code, ctx.clamp = code, clamp
-
-
-def _kl_bwd(ctx, g):
-    logp, ref_logp = ctx.saved_tensors
-    raw = _log_ratio(logp, ref_logp)
-    x = raw.clamp(-ctx.clamp, ctx.clamp)
-    inside = raw.abs() <= ctx.clamp
-    base = 1 if ctx.code >= _STRAIGHT else ctx.code
-    if base == 0:
-        d = torch.ones_like(x)
-    elif base == 1:
-        d = x
-    elif base == 2:
-        d = 1 - torch.exp(-x)
-    else:
-        d = torch.sign(x)
-    gx = torch.where(inside, g * d, torch.zeros_like(d))
-    g_logp = gx.to(logp.dtype) if ctx.needs_input_grad[0] else None
-    g_ref = (-gx).to(ref_logp.dtype) if ctx.needs_input_grad[1] else None
-    return g_logp, g_ref, None, None
-
-
-_kl_penalty_op.register_autograd(_kl_bwd, setup_context=_kl_setup)
+    x = (logp.to(dt) - ref_logp.to(dt)).clamp(-clamp, clamp)
+    if not estimator.endswith("+"):
+        return KL_ESTIMATORS[estimator](x)
+    k2 = KL_ESTIMATORS["k2"](x)
+    return k2 + (KL_ESTIMATORS[estimator[:-1]](x) - k2).detach()
 
 
 def kl_penalty(logp, ref_logp, *, estimator="k3", clamp=20.0):
@@ -92,11 +49,11 @@ def kl_penalty(logp, ref_logp, *, estimator="k3", clamp=20.0):
     if logp.shape != ref_logp.shape:
         raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)} but logp has {tuple(logp.shape)}")
     _validate.check_same_device(logp=logp, ref_logp=ref_logp)
-    code = estimator_code(estimator)
+    check_estimator(estimator)
     clamp = math.inf if clamp is None else float(clamp)
     if not clamp > 0:
         raise ValueError(f"clamp must be > 0 (or None for no clamp), got {clamp}")
-    return _kl_penalty_op(logp, ref_logp, code, clamp)
+    return kl_estimate(logp, ref_logp, estimator, clamp)
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
@@ -109,28 +66,15 @@ def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, 
     Returns: dict of [...] float32 tensors: ``logp``, ``ref_logp``, ``entropy`` (of the policy) and
     ``kl_full`` = Σ_v p_v (log p_v − log q_v), the exact KL(policy‖reference) over the vocabulary.
     """
-    d, v = _public.check_linear("", hidden, weight, bias)
-    dr, vr = _public.check_linear("ref_", ref_hidden, ref_weight, ref_bias)
-    if vr != v:
-        raise ValueError(f"ref_weight has V={vr} but weight has V={v}: the vocabularies must match")
-    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"ref_hidden has leading shape {tuple(ref_hidden.shape[:-1])} but hidden has "
-                         f"{tuple(hidden.shape[:-1])}")
-    _validate.check_same_dtype(hidden=hidden, ref_hidden=ref_hidden)
+    _, v = _validate.check_linear("", hidden, weight, bias)
+    _validate.check_second_model("ref_", ref_hidden, ref_weight, ref_bias, "", hidden, v)
     _validate.check_same_device(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                 bias=bias, ref_bias=ref_bias, targets=targets)
     T = _validate.check_temperature(temperature)
     lead = hidden.shape[:-1]
-    t = _public.kernel_targets(targets, lead, v, ignore_index)
-    be = _public.pick_backend(backend, hidden, "linear_policy_ref_stats", _public.LINEAR_BACKENDS)
-    if be == "torch":
-        return ref.linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, bias=bias,
-                                           ref_bias=ref_bias, temperature=T, ignore_index=ignore_index)
-    detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
-    stats = _ops.linear_vocab_stats(
-        _public.rows(hidden, d), weight.contiguous(), bias.contiguous() if bias is not None else None,
-        _public.rows(ref_hidden.detach(), dr), detach(ref_weight), detach(ref_bias),
-        t, 1.0 / T, 1, 0.0, 0.0, True, be)
-    cols = {"logp": _ops.STAT_LOGP_A, "ref_logp": _ops.STAT_LOGP_B, "entropy": _ops.STAT_ENTROPY,
-            "kl_full": _ops.STAT_DIV}
-    return {k: stats[:, c].reshape(lead) for k, c in cols.items()}
+    t = _validate.kernel_targets(targets, lead, v, ignore_index)
+    be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "linear_policy_ref_stats")
+    stats = linear_vocab_stats(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+                               ref_bias.detach() if ref_bias is not None else None, targets=t, inv_temp=1.0 / T,
+                               kind=Kind.REVERSE_KL, need_entropy=True, backend=be)
+    return {"logp": stats.logp_a, "ref_logp": stats.logp_b, "entropy": stats.entropy, "kl_full": stats.div}

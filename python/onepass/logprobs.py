@@ -2,14 +2,18 @@
 
     logp = z[y] − logsumexp(z),  entropy = logsumexp(z) − Σ softmax(z)·z,  z = logits / T
 
-Path: kernels (``triton_kernels/vocab_stats.py``, ``csrc/cpu|cuda/vocab_stats``) -> launchers ->
-custom ops ``onepass::vocab_stats`` / ``onepass::linear_vocab_stats`` (``_ops.py``) -> these functions.
+Path: these functions -> ``onepass._ops.vocab_stats`` -> the backend's vocab-stats launchers
+(docs/architecture.md).
 NaN policy: a NaN logit makes that row's outputs NaN and leaves every other row untouched.
 """
 from __future__ import annotations
 
-from . import _ops, _public, _validate
-from .reference import vocab as ref
+from . import _dispatch, _validate
+from ._ops.vocab_stats import linear_vocab_stats, vocab_stats
+
+
+def _outputs(stats, return_entropy):
+    return (stats.logp_a, stats.entropy) if return_entropy else stats.logp_a
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto"):
@@ -27,16 +31,10 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     _validate.check_same_device(logits=logits, targets=targets)
     lead, v = logits.shape[:-1], logits.shape[-1]
     _validate.check_vocab("logits", v)
-    t = _public.kernel_targets(targets, lead, v, ignore_index)
-    be = _public.pick_backend(backend, logits, "token_logprobs")
-    if be == "torch":
-        return ref.token_logprobs(logits, targets, temperature=T, ignore_index=ignore_index,
-                                  return_entropy=return_entropy)
-    stats = _ops.vocab_stats(_public.rows(logits, v), None, t, 1.0 / T, 0, 0.0, 0.0, bool(return_entropy), be)
-    logp = stats[:, _ops.STAT_LOGP_A].reshape(lead)
-    if not return_entropy:
-        return logp
-    return logp, stats[:, _ops.STAT_ENTROPY].reshape(lead)
+    t = _validate.check_targets(targets, lead, v, ignore_index)
+    be = _dispatch.resolve_backend(backend, logits, "vocab_stats", "token_logprobs")
+    stats = vocab_stats(logits, targets=t, inv_temp=1.0 / T, need_entropy=return_entropy, backend=be)
+    return _outputs(stats, return_entropy)
 
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
@@ -48,19 +46,12 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         targets: [...] int64.
     Returns: as ``token_logprobs``; differentiable w.r.t. hidden, weight and bias.
     """
-    d, v = _public.check_linear("", hidden, weight, bias)
+    _, v = _validate.check_linear("", hidden, weight, bias)
     T = _validate.check_temperature(temperature)
     _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     lead = hidden.shape[:-1]
-    t = _public.kernel_targets(targets, lead, v, ignore_index)
-    be = _public.pick_backend(backend, hidden, "linear_token_logprobs", _public.LINEAR_BACKENDS)
-    if be == "torch":
-        return ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=T,
-                                         ignore_index=ignore_index, return_entropy=return_entropy)
-    stats = _ops.linear_vocab_stats(_public.rows(hidden, d), weight.contiguous(),
-                                    bias.contiguous() if bias is not None else None, None, None, None, t,
-                                    1.0 / T, 0, 0.0, 0.0, bool(return_entropy), be)
-    logp = stats[:, _ops.STAT_LOGP_A].reshape(lead)
-    if not return_entropy:
-        return logp
-    return logp, stats[:, _ops.STAT_ENTROPY].reshape(lead)
+    t = _validate.check_targets(targets, lead, v, ignore_index)
+    be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "linear_token_logprobs")
+    stats = linear_vocab_stats(hidden, weight, bias, targets=t, inv_temp=1.0 / T, need_entropy=return_entropy,
+                               backend=be)
+    return _outputs(stats, return_entropy)

@@ -7,19 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import NUM_GRADS, NUM_STATS, dtype_code, ptr, stats_dtype
-
-_C = None
-
-
-def _module():
-    global _C
-    if _C is None:
-        from onepass import _C as mod
-
-        _C = mod
-    return _C
-
+from ..._contract import NUM_GRADS, NUM_STATS, stats_dtype
+from .._common import compiled_module, dtype_code, ptr
 
 def _check_inputs(a: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor | None) -> tuple[int, int]:
     assert a.dim() == 2 and a.is_contiguous() and a.device.type == "cpu", "a must be a contiguous [N, V] CPU tensor"
@@ -37,7 +26,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     stats = torch.empty((n, NUM_STATS), dtype=stats_dtype(a), device=a.device)
     if n == 0:
         return stats
-    _module().vocab_stats_fwd_cpu(
+    compiled_module().vocab_stats_fwd_cpu(
         ptr(a), ptr(b), ptr(targets), ptr(stats), n, v, dtype_code(a),
         float(inv_temp), int(kind), float(beta), float(alpha), bool(need_entropy),
     )
@@ -55,7 +44,7 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
     grad_b = torch.empty_like(b) if need_grad_b else None
     if n == 0 or (grad_a is None and grad_b is None):
         return grad_a, grad_b
-    _module().vocab_stats_bwd_cpu(
+    compiled_module().vocab_stats_bwd_cpu(
         ptr(a), ptr(b), ptr(targets), ptr(stats), ptr(grads), ptr(grad_a), ptr(grad_b), n, v, dtype_code(a),
         float(inv_temp), int(kind), float(beta), float(alpha),
     )

@@ -1,4 +1,6 @@
-"""Kernel-level tests of the CUDA vocab-stats launchers (onepass.backends.cuda) against a float64
+"""CUDA-specific tests of the vocab-stats launchers (onepass.backends.cuda.vocab_stats): the Qwen-size
+vocabulary, misaligned pointers, far-apart distributions, side streams and the binding's errors (the
+kernel contract itself is tests/test_kernel_contract.py, for every backend), against a float64
 PyTorch implementation on the CPU of the same semantics (docs/vocab_stats.md): log_softmax-based lse /
 logp / entropy, every divergence from its plain formula, and gradients by torch.autograd of
 sum_r (g_lp logp + g_rlp ref_logp + g_H H + g_D D).
@@ -7,10 +9,11 @@ The GPU tests carry the ``gpu`` mark and are skipped without a CUDA device; the 
 end run on any machine where onepass._C was built with CUDA."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
+
+import onepass
 
 try:
     from onepass import _C
@@ -33,11 +36,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["float32", "float16", "bfloat16"]
 KINDS = list(range(8))
 KIND_NAMES = ["none", "reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"]
-VOCABS = [1, 127, 1000, 32000, 151936]
 
 
 def _cuda():
-    from onepass.backends import cuda
+    from onepass.backends.cuda import vocab_stats as cuda
 
     return cuda
 
@@ -100,58 +102,12 @@ def run_case(n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, *, with_targets=T
 
 
 # ----------------------------------------------------------------------------- GPU tests
-@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("v", [151936])
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @on_gpu
 def test_matches_reference(dtype, kind, v):
     run_case(4 if v > 30000 else 5, v, dtype, kind, 1 / 0.7, beta=0.3, alpha=0.5, seed=v + kind)
-
-
-@on_gpu
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
-def test_no_targets_and_no_b(kind):
-    run_case(4, 300, torch.float32, kind, 1.0, with_targets=False, seed=6)
-    if kind == 0:
-        run_case(4, 300, torch.float32, 0, 1.0, use_b=False, seed=7)
-        run_case(4, 300, torch.bfloat16, 0, 1.0, use_b=False, with_targets=False, seed=8)
-
-
-@on_gpu
-@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_jsd_beta(beta, dtype):
-    run_case(4, 1001, dtype, 3, 1.0, beta=beta, seed=2)
-
-
-@on_gpu
-@pytest.mark.parametrize("alpha", [-0.5, 0.3, 0.5, 0.9, 2.0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_alpha(alpha, dtype):
-    run_case(4, 1001, dtype, 7, 1 / 0.7, alpha=alpha, seed=3)
-
-
-@on_gpu
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: KIND_NAMES[k])
-def test_no_entropy_and_temperature(kind):
-    run_case(3, 2000, torch.bfloat16, kind, 1 / 1.3, beta=0.7, alpha=2.0, need_entropy=False, seed=12)
-
-
-@on_gpu
-@pytest.mark.parametrize("kind", range(1, 8), ids=lambda k: KIND_NAMES[k])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_identical_inputs_exact_zero(kind, dtype):
-    cuda = _cuda()
-    a, _, targets, grads = make_inputs(5, 3001, dtype, seed=9)
-    a, targets = a.cuda(), targets.cuda()
-    b = a.clone()
-    stats = cuda.vocab_stats_fwd(a, b, targets, 1 / 0.7, kind, 0.3, 0.7, True)
-    assert torch.all(stats[:, 5:] == 0), stats[:, 5:]
-    assert torch.equal(stats[:, 0], stats[:, 1]) and torch.equal(stats[:, 2], stats[:, 3])
-    g = torch.zeros_like(stats[:, :4])
-    g[:, 3] = grads[:, 3].to(g)
-    ga, gb = cuda.vocab_stats_bwd(a, b, targets, stats, g, 1 / 0.7, kind, 0.3, 0.7, True, True)
-    assert torch.all(ga == 0) and torch.all(gb == 0)
 
 
 @on_gpu
@@ -180,54 +136,6 @@ def test_misaligned_pointers(dtype, offsets):
 
 
 @on_gpu
-def test_nan_and_all_ninf_rows_stay_local():
-    cuda = _cuda()
-    a, b, targets, grads = make_inputs(6, 1500, torch.float32, seed=11, ignored=False)
-    a, b, targets, g = a.cuda(), b.cuda(), targets.cuda(), grads.float().cuda()
-    clean = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
-    ga_c, gb_c = cuda.vocab_stats_bwd(a, b, targets, clean, g, 1.0, 3, 0.5, 0.5, True, True)
-    a2, b2 = a.clone(), b.clone()
-    a2[2, 7] = float("nan")
-    a2[4, :] = float("-inf")
-    b2[4, :] = float("-inf")
-    s = cuda.vocab_stats_fwd(a2, b2, targets, 1.0, 3, 0.5, 0.5, True)
-    assert torch.isnan(s[2, 0])
-    assert s[4, 0].item() == float("-inf")
-    ok = [0, 1, 3, 5]
-    assert torch.equal(s[ok], clean[ok])
-    ga, gb = cuda.vocab_stats_bwd(a2, b2, targets, s, g, 1.0, 3, 0.5, 0.5, True, True)
-    assert torch.equal(ga[ok], ga_c[ok]) and torch.equal(gb[ok], gb_c[ok])
-    assert torch.isnan(ga[2]).any()
-    # NaN inside an all -inf row: the NaN is not lost
-    a3 = torch.full((1, 2000), float("-inf"), device="cuda")
-    a3[0, 1500] = float("nan")
-    s3 = cuda.vocab_stats_fwd(a3, None, None, 1.0, 0, 0.5, 0.5, True)
-    assert torch.isnan(s3[0, 0])
-
-
-@on_gpu
-def test_leading_ninf_and_large_logits():
-    cuda = _cuda()
-    a = torch.randn(3, 5000, dtype=torch.float64) * 3 + 500.0
-    a[:, :1300] = float("-inf")
-    b = a + torch.randn(3, 5000, dtype=torch.float64) * 0.5
-    b[:, :1300] = float("-inf")
-    a, b = a.float(), b.float()
-    targets = torch.tensor([2000, 3500, 4999])
-    grads = torch.randn(3, 4, dtype=torch.float64)
-    for kind in (1, 2, 3, 7):
-        stats = cuda.vocab_stats_fwd(a.cuda(), b.cuda(), targets.cuda(), 1.0, kind, 0.5, 0.5, True)
-        assert torch.isfinite(stats).all()
-        ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.5, 0.5, grads)
-        # logits ~500 carry an absolute fp32 rounding error of ~3e-5 on every entry
-        assert_close(stats.cpu()[:, :6], ref, 2e-4, f"kind {kind}")
-        ga, gb = cuda.vocab_stats_bwd(a.cuda(), b.cuda(), targets.cuda(), stats, grads.float().cuda(), 1.0, kind,
-                                      0.5, 0.5, True, True)
-        assert_close(ga, ga_r, 2e-4, f"grad_a kind {kind}")
-        assert_close(gb, gb_r, 2e-4, f"grad_b kind {kind}")
-
-
-@on_gpu
 @pytest.mark.parametrize("scale", [4.0, 8.0])
 @pytest.mark.parametrize("kind,alpha", [(3, 0.5), (5, 0.5), (6, 0.5), (7, 2.0), (7, -0.5), (7, 0.8), (7, 0.2)])
 def test_far_apart_distributions(scale, kind, alpha):
@@ -245,19 +153,6 @@ def test_far_apart_distributions(scale, kind, alpha):
                                   0.3, alpha, True, True)
     assert_close(ga, ga_r, GRAD_TOL[torch.float32], "grad_a")
     assert_close(gb, gb_r, GRAD_TOL[torch.float32], "grad_b")
-
-
-@on_gpu
-def test_inf_divergence_where_q_is_zero():
-    cuda = _cuda()
-    a = torch.zeros(1, 8, device="cuda")
-    b = torch.zeros(1, 8, device="cuda")
-    b[0, 3] = float("-inf")
-    for kind in (1, 6):
-        s = cuda.vocab_stats_fwd(a, b, None, 1.0, kind, 0.5, 0.5, False)
-        assert s[0, 5].item() == math.inf, (kind, s)
-    s = cuda.vocab_stats_fwd(a, b, None, 1.0, 2, 0.5, 0.5, False)
-    assert math.isfinite(s[0, 5].item())
 
 
 @on_gpu
@@ -307,8 +202,7 @@ def test_binding_without_device_raises():
     with pytest.raises(RuntimeError, match="onepass CUDA backend: no usable CUDA device"):
         _C.vocab_stats_bwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), g.data_ptr(), x.data_ptr(), 0, 2, 10, 0, 1.0,
                                 0, 0.5, 0.5, 0)
-    ok, why = _cuda().is_available()
-    assert not ok and why
+    assert "cuda" not in onepass.available_backends("cuda")
 
 
 @_needs_cuda_build

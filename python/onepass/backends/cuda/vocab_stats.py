@@ -8,32 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import NUM_GRADS, NUM_STATS, dtype_code, ptr
-
-_C = None
-
-
-def _module():
-    global _C
-    if _C is None:
-        from onepass import _C as mod
-
-        _C = mod
-    return _C
-
-
-def is_available() -> tuple[bool, str]:
-    """(True, "") when onepass._C has the CUDA kernels and torch sees a CUDA device, else (False, why)."""
-    try:
-        mod = _module()
-    except ImportError as exc:
-        return False, f"the compiled module onepass._C is not available ({exc})"
-    if not getattr(mod, "with_cuda", False) or not hasattr(mod, "vocab_stats_fwd_cuda"):
-        return False, "onepass._C was built without CUDA (no nvcc at build time, or ONEPASS_CUDA=0)"
-    if not torch.cuda.is_available():
-        return False, "torch.cuda.is_available() is False (no CUDA device, driver, or CUDA build of torch)"
-    return True, ""
-
+from ..._contract import NUM_GRADS, NUM_STATS
+from .._common import compiled_module, dtype_code, ptr
 
 def _check_inputs(a: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor | None) -> tuple[int, int]:
     assert a.dim() == 2 and a.is_contiguous() and a.device.type == "cuda", "a must be a contiguous [N, V] CUDA tensor"
@@ -55,7 +31,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     stats = torch.empty((n, NUM_STATS), dtype=torch.float32, device=a.device)
     if n == 0:
         return stats
-    mod = _module()
+    mod = compiled_module()
     with torch.cuda.device(a.device):
         stream = torch.cuda.current_stream(a.device).cuda_stream
         mod.vocab_stats_fwd_cuda(
@@ -77,7 +53,7 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
     grad_b = torch.empty_like(b) if need_grad_b else None
     if n == 0 or (grad_a is None and grad_b is None):
         return grad_a, grad_b
-    mod = _module()
+    mod = compiled_module()
     with torch.cuda.device(a.device):
         stream = torch.cuda.current_stream(a.device).cuda_stream
         mod.vocab_stats_bwd_cuda(

@@ -1,0 +1,148 @@
+"""The kernel contract: the one Python source of the integer codes shared with the kernels.
+
+``Kind`` (divergence kinds), ``Stat`` (columns of the per-row stats array), ``Grad`` (columns of the
+per-row upstream gradients) and ``DType`` (dtype codes of ``onepass._C``) are mirrored in
+``csrc/common.h`` (a test compares the compiled values) and used by the Triton kernels; no other module
+writes these integers.  ``VocabStats`` is the named view of a stats array (docs/vocab_stats.md).
+"""
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+from torch import Tensor
+
+
+class Kind(enum.IntEnum):
+    """What the vocab-stats kernels compute besides lse/logp/entropy (docs/vocab_stats.md, φ table)."""
+
+    NONE = 0
+    REVERSE_KL = 1
+    FORWARD_KL = 2
+    JSD = 3
+    TV = 4
+    HELLINGER = 5
+    CHI2 = 6
+    ALPHA = 7
+
+
+NUM_KINDS = len(Kind)
+
+
+class Stat(enum.IntEnum):
+    """Columns of the per-row stats array [N, NUM_STATS] written by the forward kernels."""
+
+    LSE_A = 0
+    LSE_B = 1
+    LOGP_A = 2
+    LOGP_B = 3
+    ENTROPY = 4
+    DIV = 5
+    SUM_A = 6
+    SUM_B = 7
+
+
+NUM_STATS = len(Stat)
+
+
+class Grad(enum.IntEnum):
+    """Columns of the per-row upstream gradients [N, NUM_GRADS] read by the backward kernels."""
+
+    LOGP_A = 0
+    LOGP_B = 1
+    ENTROPY = 2
+    DIV = 3
+
+
+NUM_GRADS = len(Grad)
+#: The stats column each upstream-gradient column differentiates.
+GRAD_STATS = (Stat.LOGP_A, Stat.LOGP_B, Stat.ENTROPY, Stat.DIV)
+
+
+class DType(enum.IntEnum):
+    """dtype codes of the compiled kernels."""
+
+    FLOAT32 = 0
+    FLOAT16 = 1
+    BFLOAT16 = 2
+    FLOAT64 = 3
+
+
+TORCH_DTYPES = {torch.float32: DType.FLOAT32, torch.float16: DType.FLOAT16, torch.bfloat16: DType.BFLOAT16,
+                torch.float64: DType.FLOAT64}
+
+class Cost(enum.IntEnum):
+    """Ground costs of the Sinkhorn distance (``onepass.sinkhorn_distance(cost=...)``)."""
+
+    L1 = 0
+    SQEUCLIDEAN = 1
+    HELLINGER = 2
+
+
+#: Group-advantage estimators and scales; the position is the kernels' code.
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+#: Public divergence names (``onepass.divergence(kind=...)``) and their kernel kinds.
+DIVERGENCES = {"reverse_kl": Kind.REVERSE_KL, "forward_kl": Kind.FORWARD_KL, "jsd": Kind.JSD, "tv": Kind.TV,
+               "hellinger": Kind.HELLINGER, "chi2": Kind.CHI2, "alpha": Kind.ALPHA}
+
+
+def kernel_kind(name: str, beta: float, alpha: float) -> tuple[Kind, float, float]:
+    """Validate a public divergence (name, β, α) and return the kernel's (kind, β, α): the KL end
+    points of jsd (β ∈ {0, 1}) and alpha (α ∈ {1, 0}) run as the KL kinds, so kernels see 0 < β < 1
+    and α ∉ {0, 1}."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"kind must be one of {tuple(DIVERGENCES)}, got {name!r}")
+    beta, alpha = float(beta), float(alpha)
+    kind = DIVERGENCES[name]
+    if kind == Kind.JSD:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] for kind='jsd', got {beta}")
+        kind = {0.0: Kind.FORWARD_KL, 1.0: Kind.REVERSE_KL}.get(beta, kind)
+    if kind == Kind.ALPHA:
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        kind = {1.0: Kind.REVERSE_KL, 0.0: Kind.FORWARD_KL}.get(alpha, kind)
+    return kind, beta, alpha
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Stats (and every op output) are float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class VocabStats:
+    """Named view of a stats array [..., NUM_STATS]: ``stats.logp_a`` is ``tensor[..., Stat.LOGP_A]``.
+
+    a = policy / student, b = reference / teacher.  Columns: ``lse_a``, ``lse_b`` (log-sum-exp of the
+    scaled logits), ``logp_a``, ``logp_b`` (target log-probs), ``entropy`` (of a), ``div`` (the
+    divergence of ``kind``), ``sum_a``, ``sum_b`` (backward workspace).  Ignored rows are all 0."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def _col(self, stat: Stat) -> Tensor:
+        return self.tensor[..., int(stat)]
+
+    lse_a = property(lambda self: self._col(Stat.LSE_A))
+    lse_b = property(lambda self: self._col(Stat.LSE_B))
+    logp_a = property(lambda self: self._col(Stat.LOGP_A))
+    logp_b = property(lambda self: self._col(Stat.LOGP_B))
+    entropy = property(lambda self: self._col(Stat.ENTROPY))
+    div = property(lambda self: self._col(Stat.DIV))
+    sum_a = property(lambda self: self._col(Stat.SUM_A))
+    sum_b = property(lambda self: self._col(Stat.SUM_B))
+
+    def view(self, *shape: int) -> "VocabStats":
+        """The stats of rows reshaped to ``shape`` (leading dims of the inputs)."""
+        return VocabStats(self.tensor.reshape(*shape, NUM_STATS))
+
+    def __getitem__(self, rows) -> "VocabStats":
+        return VocabStats(self.tensor[rows])
+
+    def detach(self) -> "VocabStats":
+        return VocabStats(self.tensor.detach())

@@ -1,0 +1,1 @@
+"""Launchers of the C++/OpenMP kernels of ``onepass._C``, one module per kernel family."""

@@ -1,0 +1,1 @@
+"""Launchers of the CUDA kernels of ``onepass._C``, one module per kernel family."""

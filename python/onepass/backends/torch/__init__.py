@@ -1,0 +1,1 @@
+"""Plain-PyTorch launchers (differentiated by autograd), one module per kernel family."""
