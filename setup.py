@@ -52,9 +52,10 @@ setup(
     ext_modules=[CMakeExtension("onepass._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "matplotlib", "rich"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pot"],
+        "test": ["pytest", "pytest-benchmark", "pot", "matplotlib", "rich"],
+        "bench": ["matplotlib", "rich"],       # python -m onepass.bench: progress bar, tables, plot
         "peers": ["liger-kernel", "cut-cross-entropy", "pot", "trl"],
     },
     zip_safe=False,
