@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -24,7 +25,8 @@ from collections import OrderedDict
 import torch
 
 from . import report
-from .registry import cases, compiles, families, get_family, peer_status, providers_for, set_onepass_backend
+from .registry import cases, compiles, families, get_family, peer_status, providers_for, runs_in, \
+    set_onepass_backend
 
 MiB = 2**20
 
@@ -146,28 +148,31 @@ class Runner:
             res = _worker.run_isolated(_worker.timing_job, case.to_json(), providers, a.backend, **kw)
         else:
             res = _worker.timing_job(case.to_json(), providers, a.backend, **kw)
-        if "error" in res and isinstance(res["error"], str):      # the whole job failed
-            return {p: {"error": res["error"]} for p in providers}
+        if "error" in res:      # the whole job failed
+            return {"times": {p: {"error": res["error"]} for p in providers}, "memory": {}}
         return res
 
 
 def run_group(runner: Runner, group, providers: list, progress) -> list:
     """Rows of one case group: peak memory per provider (isolated), then the interleaved timing per pass."""
-    rows = {(c.id, p): base_row(c, p) for c in group for p in providers}
+    runs = {c.id: [p for p in providers if runs_in(p, c.pass_)] for c in group}
+    rows = {(c.id, p): base_row(c, p) for c in group for p in runs[c.id]}
     for p in providers:
-        progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
-        for c, res in zip(group, runner.memory(group, p)):
-            rows[(c.id, p)].update(res)
+        if runner.cuda or not compiles(p):      # on the CPU, compiling peers are measured by the timing job
+            mine = [c for c in group if p in runs[c.id]]
+            progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
+            for c, res in zip(mine, runner.memory(mine, p)):
+                rows[(c.id, p)].update(res)
         progress.advance()
     for c in group:
-        progress.describe(f"{c.family} {c.shape_label} {c.pass_}: timing {len(providers)} providers interleaved")
+        progress.describe(f"{c.family} {c.shape_label} {c.pass_}: timing {len(runs[c.id])} providers interleaved")
         load_before = os.getloadavg()[0]
-        timing = runner.timing(c, providers)
+        timing = runner.timing(c, runs[c.id])
         load_after = os.getloadavg()[0]
-        for p in providers:
+        for p in runs[c.id]:
             row = rows[(c.id, p)]
-            row.update(load_before=load_before, load_after=load_after)
-            t = timing.get(p, {"error": "not timed"})
+            row.update(load_before=load_before, load_after=load_after, **timing["memory"].get(p, {}))
+            t = timing["times"].get(p, {"error": "not timed"})
             if isinstance(t, dict):
                 row.setdefault("error", t["error"])
             else:
@@ -218,6 +223,7 @@ def main(argv=None) -> int:
         from .floors import copy_bandwidth
 
         meta["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # unwind: stop the running job
     t_start = time.perf_counter()
     runner = Runner(args, device, sorted(used))
     rows = []

@@ -113,6 +113,9 @@ def run_isolated(fn, *args, timeout: float = 1800.0, **kw):
     except EOFError:
         proc.join(10)
         return {"error": f"worker died (exit code {proc.exitcode})"}
+    except BaseException:       # interrupted (Ctrl-C, SIGTERM): do not leave the job running
+        proc.kill()
+        raise
     finally:
         proc.join(10)
         recv.close()

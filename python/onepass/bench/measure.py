@@ -216,11 +216,8 @@ def warm_up(case: Case, provider: str, device: str, real: "Call") -> float:
 # ------------------------------------------------------------------------------------------------
 # CPU
 # ------------------------------------------------------------------------------------------------
-def measure_memory_cpu(case: Case, provider: str, seed: int = 0) -> dict:
-    """Peak extra resident memory of one call of ``provider`` (run it in a fresh process: see the module
-    docstring), after a warm-up call (``warm_up``); also the seconds of that first call at the real shape."""
-    call = Call(case, provider, "cpu", seed=seed)
-    warm = warm_up(case, provider, "cpu", call)
+def _memory_of_call(call: Call) -> dict:
+    """Peak extra resident memory of one call of an already warmed-up ``call`` (``RssPeak``)."""
     call.prep()
     with RssPeak() as mem:
         t0 = time.perf_counter()
@@ -228,8 +225,17 @@ def measure_memory_cpu(case: Case, provider: str, seed: int = 0) -> dict:
         first = time.perf_counter() - t0
     result = call.result_bytes(out)
     del out
-    res = {"peak_extra_bytes": mem.peak, "result_bytes": result, "input_bytes": call.input_bytes(),
-           "memory_method": "rss-hwm" if mem.reset_ok else "rss-hwm (no reset: lower bound)", "first_s": first}
+    call.prep()
+    return {"peak_extra_bytes": mem.peak, "result_bytes": result, "input_bytes": call.input_bytes(),
+            "memory_method": "rss-hwm" if mem.reset_ok else "rss-hwm (no reset: lower bound)", "first_s": first}
+
+
+def measure_memory_cpu(case: Case, provider: str, seed: int = 0) -> dict:
+    """Peak extra resident memory of one call of ``provider`` (run it in a fresh process: see the module
+    docstring), after a warm-up call (``warm_up``)."""
+    call = Call(case, provider, "cpu", seed=seed)
+    warm = warm_up(case, provider, "cpu", call)
+    res = _memory_of_call(call)
     if compiles(provider):
         res["compile_s"] = warm
     return res
@@ -241,24 +247,31 @@ def time_interleaved(case: Case, providers, *, device: str = "cpu", rounds: int 
     in an order rotated by one per round (A B C, B C A, ...), so that a load change hits all of them.
     At least ``rounds`` rounds; more, up to ``max_rounds``, while the rounds so far took under ``max_time``
     seconds.  On CUDA one sample is the median of ``repeat`` event-timed calls (``time_cuda``).
-    Returns {provider: [ms per round]} (or {provider: {"error": ...}} for a provider that failed)."""
+
+    On the CPU the providers that compile are set up first, and their peak memory is measured right after
+    their compile (warm-up at the real shape), before any other provider makes a real-shape call: as in a
+    fresh process, without compiling twice.
+    Returns {"times": {provider: [ms per round] or {"error": ...}}, "memory": {provider: memory result}}."""
     inputs = make_inputs(case, device, seed)
-    calls, errors = {}, {}
-    for p in providers:
+    calls, errors, memory = {}, {}, {}
+    cpu = not device.startswith("cuda")
+    for p in sorted(providers, key=lambda p: not compiles(p)):       # compiling providers first
         try:
             calls[p] = Call(case, p, device, seed=seed, inputs=inputs)
-            warm_up(case, p, device, calls[p])
+            warm = warm_up(case, p, device, calls[p])
+            if cpu and compiles(p):
+                memory[p] = {**_memory_of_call(calls[p]), "compile_s": warm}
         except Exception as exc:  # reported as that provider's error; the others still run
             calls.pop(p, None)
             errors[p] = error_text(exc)
-    order = list(calls)
+    order = [p for p in providers if p in calls]
     times = {p: [] for p in order}
     t_start, r = time.perf_counter(), 0
     while order and (r < rounds or (r < max_rounds and time.perf_counter() - t_start < max_time)):
         for p in order[r % len(order):] + order[: r % len(order)]:
             times[p].append(_sample(calls[p], device, repeat))
         r += 1
-    return {**times, **{p: {"error": e} for p, e in errors.items()}}
+    return {"times": {**times, **{p: {"error": e} for p, e in errors.items()}}, "memory": memory}
 
 
 def _sample(call: Call, device: str, repeat: int) -> float:

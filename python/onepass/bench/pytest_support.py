@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .registry import cases, get_family, providers_for, set_onepass_backend
+from .registry import cases, get_family, providers_for, runs_in, set_onepass_backend
 
 
 def device() -> str:
@@ -27,7 +27,7 @@ def params(family: str):
     out = []
     fam = get_family(family)
     for c in cases(dev, quick=quick, names=[family], dtype=os.environ.get("ONEPASS_BENCH_DTYPE"), full=False):
-        for provider in providers_for(fam, dev, quick=quick, full=False):
+        for provider in [p for p in providers_for(fam, dev, quick=quick, full=False) if runs_in(p, c.pass_)]:
             cid = "-".join([c.op_label, c.shape_label.replace(" ", ","), c.dtype, c.pass_, provider])
             out.append(pytest.param(c, provider, id=cid))
     return out

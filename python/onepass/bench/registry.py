@@ -28,11 +28,13 @@ FLOOR_PROVIDER = "floor"
 
 @dataclasses.dataclass(frozen=True)
 class Peer:
-    """An optional peer provider: the module that must be importable, the devices it runs on, and whether
-    its first call compiles (torch.compile / inductor; warmed up at the real shape, and skipped by --quick)."""
+    """An optional peer provider: the module that must be importable, the devices it runs on, whether its
+    first call compiles (torch.compile / inductor; warmed up at the real shape, skipped by --quick), and the
+    passes it is measured in."""
     module: Optional[str]
     devices: tuple = ("cpu", "cuda")
     compiles: bool = False
+    passes: tuple = PASSES
 
 
 #: the peers, in table order.  "torch.compile(naive)" is derived from a family's "naive" provider; the others
@@ -40,7 +42,8 @@ class Peer:
 PEERS = {
     "torch.compile(naive)": Peer(None, compiles=True),
     "trl": Peer("trl"),                                          # selective_log_softmax_and_entropy
-    "liger-chunked": Peer("liger_kernel", compiles=True),        # liger_kernel.chunked_loss (torch + compile)
+    # liger_kernel.chunked_loss (torch + compile) computes the gradients inside its forward: training only
+    "liger-chunked": Peer("liger_kernel", compiles=True, passes=("fwd+bwd",)),
     "liger": Peer("liger_kernel", devices=("cuda",)),            # Liger's Triton ops
     "cce": Peer("cut_cross_entropy", devices=("cuda",)),
     "pot": Peer("ot"),
@@ -302,6 +305,12 @@ def provider_fn(fam: Family, provider: str, device: str):
 def compiles(provider: str) -> bool:
     peer = PEERS.get(provider)
     return bool(peer and peer.compiles)
+
+
+def runs_in(provider: str, pass_: str) -> bool:
+    """Whether ``provider`` is measured in ``pass_`` (a peer may be limited to some passes)."""
+    peer = PEERS.get(provider)
+    return peer is None or pass_ in peer.passes
 
 
 # ------------------------------------------------------------------------------------------------

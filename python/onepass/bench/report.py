@@ -179,14 +179,16 @@ TABLE_COLUMNS = ("case", "pass", "provider", "ms", "×naive [min–max]", "extra
 
 
 def table_rows(rows: list) -> tuple:
-    """(cells, starts) of the main table: the case (op, then shape and dtype) is written over the first rows of
+    """(cells, starts) of the main table: the case (op, variant, shape, dtype) is written over the first rows of
     a case; ``starts[i]`` says that row i begins a case."""
     out, starts, seen = [], [], {}
     for r in rows:
         key = (r["op"], r["shape"], r["dtype"])
         i = seen.setdefault(key, 0)
         seen[key] += 1
-        label = [r["op"], r["shape"], r["dtype"]][i] if i < 3 else ""
+        parts = [r["op"].split("[")[0]] + ([f"[{r['variant_label']}]"] if r["variant_label"] else []) \
+            + [r["shape"], r["dtype"]]
+        label = parts[i] if i < len(parts) else ""
         if "error" in r:
             cells = [label, r["pass"], r["provider"], "error", "", "", "", "", ""]
         else:
@@ -314,7 +316,7 @@ def print_table(rows: list, vds: list, meta: dict) -> None:
         for name in c:
             left = name in ("case", "op", "pass", "provider")
             table.add_column(name, justify="left" if left else "right", overflow="fold",
-                             max_width=24 if name in ("case", "op") else None)
+                             max_width=30 if name in ("case", "op") else None)
         for i, row in enumerate(b):
             if st[i] and i:
                 table.add_section()
@@ -449,6 +451,8 @@ def _bars(ax, rows: list) -> None:
                 err = [[y - r["time_ratio_min"]], [r["time_ratio_max"] - y]]
             ax.bar(x, y, width, color=colour, hatch=hatch, edgecolor="black", linewidth=0.4, yerr=err,
                    error_kw={"elinewidth": 0.8, "capsize": 2})
+            ax.annotate(f"{y:.2g}", (x, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=6.5)
     ax.axhline(1.0, color="#d95f02", linewidth=1.2, linestyle="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)))
