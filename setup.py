@@ -43,20 +43,33 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
 
 
+def _subpackages(root: str, prefix: str) -> list[str]:
+    """``prefix`` and every package below ``root`` (a directory holding ``__init__.py``)."""
+    base = ROOT / root
+    return [prefix] + sorted(prefix + "." + ".".join(p.parent.relative_to(base).parts)
+                             for p in base.rglob("__init__.py") if p.parent != base)
+
+
+TRAIN = ["transformers>=4.56", "tokenizers", "datasets", "omegaconf", "tqdm", "safetensors", "matplotlib"]
+BENCH = ["matplotlib", "rich", "psutil"]
+
 setup(
     name="onepass",
     version="0.1.0",
     description="Fused one-pass-over-the-vocabulary kernels for RL and distillation post-training",
     package_dir={"onepass": "python/onepass", "onepass.triton_kernels": "triton_kernels"},
-    packages=["onepass", "onepass._ops", "onepass.backends", "onepass.backends.cpu", "onepass.backends.cuda",
-              "onepass.backends.torch", "onepass.bench", "onepass.reference", "onepass.triton_kernels"],
+    packages=_subpackages("python/onepass", "onepass") + ["onepass.triton_kernels"],
     ext_modules=[CMakeExtension("onepass._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "matplotlib", "rich"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pot", "trl"],
-        "peers": ["liger-kernel", "cut-cross-entropy", "pot", "trl"],
+        "train": TRAIN,                        # onepass-train: configs, tiny models, data, progress, plots
+        "bench": BENCH,                        # python -m onepass.bench: progress bar, tables, plot
+        "integrations": ["trl>=1.16"],
+        "test": ["pytest", "pytest-benchmark", "pot", "trl>=1.16", "peft", *TRAIN, *BENCH],
+        "peers": ["liger-kernel", "cut-cross-entropy", "pot", "trl>=1.16"],
     },
+    entry_points={"console_scripts": ["onepass-train=onepass.train.cli:main"]},
     zip_safe=False,
 )

@@ -1,18 +1,23 @@
-"""``python -m onepass.bench``: run the benchmark registry and write the table, JSON, markdown and plot.
+"""``python -m onepass.bench``: fused (onepass) vs naive PyTorch, and vs the installed peers, on this machine.
+
+The default run measures every op family at one representative shape (a few minutes on two CPU cores)
+and ends with a verdict per family; ``--full`` runs the shape sweeps; ``--quick`` is a seconds-long smoke
+test on tiny shapes.  Providers of one case are timed interleaved (A B A B ..., several rounds): a ratio is
+the median of the per-round ratios, with its min-max, and "unresolved" when that range crosses 1.0.
 
 Examples::
 
-    python -m onepass.bench                       # default shapes of this machine (CPU or GPU)
+    python -m onepass.bench                       # default: one shape per family, verdicts, plot
+    python -m onepass.bench --full                # the shape sweeps (CPU: ~30 min)
     python -m onepass.bench --quick --out /tmp/b  # tiny shapes: smoke test, seconds
-    python -m onepass.bench --families linear_logprobs --repeat 5
-    python -m onepass.bench --list                # the cases, without running them
+    python -m onepass.bench --families linear_logprobs --rounds 5
+    python -m onepass.bench --list                # the cases and providers, without running them
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -20,7 +25,8 @@ from collections import OrderedDict
 import torch
 
 from . import report
-from .registry import Case, cases, families, get_family, peer_status, providers_for, set_onepass_backend
+from .registry import cases, compiles, families, get_family, peer_status, providers_for, runs_in, \
+    set_onepass_backend
 
 MiB = 2**20
 
@@ -28,22 +34,33 @@ MiB = 2**20
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m onepass.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N "
+                   "(default: %(default)s)")
     p.add_argument("--families", default=None,
                    help=f"comma-separated families (default: all): {', '.join(families())}")
     p.add_argument("--providers", default=None, help="comma-separated providers to keep (default: all available)")
-    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated passes: fwd, fwd+bwd")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CI smoke test; finishes in seconds)")
-    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out/)")
-    p.add_argument("--repeat", type=int, default=None,
-                   help="timed calls per measurement (median); default 3 on CPU, 20 on GPU")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated passes (default: %(default)s)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny shapes, no compiling peers, in-process: smoke "
+                      "test, seconds")
+    size.add_argument("--full", action="store_true", help="the shape sweep of every family instead of one shape")
+    p.add_argument("--out", default="bench_out", help="output directory (default: %(default)s/)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="minimum interleaved rounds per case (default: 3; 2 with --quick)")
+    p.add_argument("--max-rounds", type=int, default=9,
+                   help="more rounds, up to this many, while a case's rounds took under --max-time "
+                        "(default: %(default)s)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="CPU: stop repeating once this many seconds of calls were spent (default 60; quick 5)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 GPU)")
-    p.add_argument("--backend", default="auto", help="backend of the onepass provider (default auto)")
+                   help="seconds of rounds per case after which no extra round starts (default: 3; 0.2 with "
+                        "--quick)")
+    p.add_argument("--repeat", type=int, default=10,
+                   help="CUDA: event-timed calls per provider per round, median (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, "
+                   "bfloat16 on GPU)")
+    p.add_argument("--backend", default="auto", help="backend of the onepass provider (default: %(default)s)")
     p.add_argument("--isolate", choices=("case", "none"), default=None,
-                   help="CPU: 'case' = fresh subprocess per (case, provider) (default), 'none' = in-process "
-                        "(default with --quick)")
+                   help="CPU: 'case' = each measurement in a fresh forked process (default), 'none' = "
+                        "in-process (default with --quick and on CUDA)")
     p.add_argument("--list", action="store_true", help="list the cases and providers, run nothing")
     return p.parse_args(argv)
 
@@ -64,138 +81,169 @@ def group_cases(cs):
     return list(groups.values())
 
 
-def run_worker(group, provider, args, timeout=3600):
-    from ._worker import RESULT_TAG
-
-    spec = {"cases": [c.to_json() for c in group], "provider": provider, "repeat": args.repeat,
-            "max_time": args.max_time, "backend": args.backend}
-    env = dict(os.environ)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "onepass.bench._worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return [{"error": f"worker timed out after {timeout} s"} for _ in group]
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            res = json.loads(line[len(RESULT_TAG):])
-            if proc.returncode != 0:
-                for r in res:
-                    r.setdefault("warning", f"worker exited with code {proc.returncode} after reporting")
-            return res
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    msg = f"worker exited with code {proc.returncode}: " + " / ".join(tail)
-    return [{"error": msg[:300]} for _ in group]
-
-
-def run_inprocess(group, provider, args, device):
-    from ._worker import error_result
-    from .measure import measure_cpu, measure_cuda
-
-    out = []
-    for c in group:
-        try:
-            if device.startswith("cuda"):
-                out.append(measure_cuda(c, provider, repeat=args.repeat, device=device))
-            else:
-                out.append(measure_cpu(c, provider, repeat=args.repeat, max_time=args.max_time))
-        except Exception as exc:
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            res = error_result(exc)
-            if isinstance(exc, torch.OutOfMemoryError):
-                res["error"] = "out of memory"
-            out.append(res)
-    return out
-
-
-def base_row(case: Case, provider: str) -> dict:
-    fam = get_family(case.family)
+def base_row(case, provider: str) -> dict:
     return {"family": case.family, "op": case.op_label, "variant": case.variant_dict,
             "variant_label": ",".join(str(v) for _, v in case.variant), "shape": case.shape_label,
             "shape_dict": case.shape_dict, "dtype": case.dtype, "pass": case.pass_, "provider": provider,
-            "case_id": case.id, "note": fam.notes.get(provider, "")}
+            "case_id": case.id}
 
 
-def add_floor(row: dict, case: Case, device: str) -> None:
-    from .floors import floor_ms
+class Runner:
+    """Runs the memory and timing jobs of a case group: forked (CPU ``--isolate case``) or in-process."""
 
-    fam = get_family(case.family)
-    if fam.floor is None or "error" in row:
-        return
-    fl = fam.floor(case.shape_dict, case.dtype, case.pass_, case.variant_dict)
-    if fl is None:
-        return
-    try:
-        ms = floor_ms(fl, case.dtype, device)
-    except Exception as exc:  # e.g. the floor's GEMM operands do not fit
-        row["floor_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        torch.cuda.empty_cache()
-        return
-    row["floor_ms"], row["floor_kind"] = ms, fl.label
-    if fl.bytes:
-        row["floor_bytes"] = fl.bytes
-    row["pct_floor"] = 100.0 * ms / row["median_ms"] if row["median_ms"] > 0 else None
+    def __init__(self, args, device: str, peers: list):
+        self.args, self.device = args, device
+        self.cuda = device.startswith("cuda")
+        self.isolated = args.isolate == "case" and not self.cuda
+        if self.isolated:
+            from . import _worker
+
+            _worker.start(peers)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of this process and, when isolated, the forkserver and its jobs: on idle
+        cores the run takes about this much wall time divided by the cores the jobs keep busy."""
+        t = os.times()
+        own = t.user + t.system
+        if not self.isolated:
+            return own
+        from . import _worker
+
+        return own + _worker.cpu_seconds()
+
+    def memory(self, group, provider) -> list:
+        if self.cuda:
+            from .measure import measure_memory_cuda
+
+            out = []
+            for c in group:
+                try:
+                    out.append(measure_memory_cuda(c, provider, device=self.device))
+                except Exception as exc:  # reported as the row's error
+                    from .measure import error_text
+
+                    torch.cuda.empty_cache()
+                    out.append({"error": "out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                                else error_text(exc)})
+            return out
+        from . import _worker
+
+        spec = [c.to_json() for c in group]
+        if self.isolated:
+            res = _worker.run_isolated(_worker.memory_job, spec, provider, self.args.backend)
+        else:
+            res = _worker.memory_job(spec, provider, self.args.backend)
+        return [res] * len(group) if isinstance(res, dict) else res
+
+    def timing(self, case, providers) -> dict:
+        a = self.args
+        kw = {"rounds": a.rounds, "max_rounds": max(a.rounds, a.max_rounds), "max_time": a.max_time}
+        if self.cuda:
+            from .measure import time_interleaved
+
+            return time_interleaved(case, providers, device=self.device, repeat=a.repeat, **kw)
+        from . import _worker
+
+        if self.isolated:
+            res = _worker.run_isolated(_worker.timing_job, case.to_json(), providers, a.backend, **kw)
+        else:
+            res = _worker.timing_job(case.to_json(), providers, a.backend, **kw)
+        if "error" in res:      # the whole job failed
+            return {"times": {p: {"error": res["error"]} for p in providers}, "memory": {}}
+        return res
+
+
+def run_group(runner: Runner, group, providers: list, progress) -> list:
+    """Rows of one case group: peak memory per provider (isolated), then the interleaved timing per pass."""
+    runs = {c.id: [p for p in providers if runs_in(p, c.pass_)] for c in group}
+    rows = {(c.id, p): base_row(c, p) for c in group for p in runs[c.id]}
+    for p in providers:
+        if runner.cuda or not compiles(p):      # on the CPU, compiling peers are measured by the timing job
+            mine = [c for c in group if p in runs[c.id]]
+            progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
+            for c, res in zip(mine, runner.memory(mine, p)):
+                rows[(c.id, p)].update(res)
+        progress.advance()
+    for c in group:
+        progress.describe(f"{c.family} {c.shape_label} {c.pass_}: timing {len(runs[c.id])} providers interleaved")
+        load_before = os.getloadavg()[0]
+        timing = runner.timing(c, runs[c.id])
+        load_after = os.getloadavg()[0]
+        for p in runs[c.id]:
+            row = rows[(c.id, p)]
+            row.update(load_before=load_before, load_after=load_after, **timing["memory"].get(p, {}))
+            t = timing["times"].get(p, {"error": "not timed"})
+            if isinstance(t, dict):
+                row.setdefault("error", t["error"])
+            else:
+                row["times_ms"] = t
+        progress.advance()
+    for row in rows.values():
+        if "peak_extra_bytes" in row:
+            row["peak_extra_mib"] = row["peak_extra_bytes"] / MiB
+        if "error" in row:
+            progress.log(f"{row['case_id']} | {row['provider']}: {row['error']}")
+    return list(rows.values())
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
-    if args.repeat is None:
-        args.repeat = 20 if cuda else (1 if args.quick else 3)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
     if args.max_time is None:
-        args.max_time = 2.0 if args.quick else 60.0
+        args.max_time = 0.2 if args.quick else 3.0
     if args.quick and not cuda:
         torch.set_num_threads(1)    # tiny shapes: threads only add contention on a busy machine
-    isolate = args.isolate or ("none" if (args.quick or cuda) else "case")
+    args.isolate = args.isolate or ("none" if (args.quick or cuda) else "case")
     set_onepass_backend(args.backend)
     names = [n.strip() for n in args.families.split(",")] if args.families else None
     only = [p.strip() for p in args.providers.split(",")] if args.providers else None
     passes = tuple(p.strip() for p in args.passes.split(","))
-    cs = cases(device, quick=args.quick, names=names, dtype=args.dtype, passes=passes)
-    peers = peer_status()
+    cs = cases(device, quick=args.quick, names=names, dtype=args.dtype, passes=passes, full=args.full)
+    groups = [(g, list(providers_for(get_family(g[0].family), device, only, quick=args.quick, full=args.full)))
+              for g in group_cases(cs)]
     if args.list:
-        for c in cs:
-            print(c.id, "->", ", ".join(providers_for(get_family(c.family), device, only)))
+        for group, providers in groups:
+            for c in group:
+                print(c.id, "->", ", ".join(providers))
         return 0
+    peers = peer_status("cuda" if cuda else "cpu")
+    used = {p for _, ps in groups for p in ps}
+    if args.quick:
+        peers = {k: (False, "compiles: not in --quick") if ok and compiles(k) else (ok, why)
+                 for k, (ok, why) in peers.items()}
     missing = [f"{k} ({why})" for k, (ok, why) in peers.items() if not ok]
     if missing:
-        print("onepass.bench: peers not listed: " + "; ".join(missing), file=sys.stderr, flush=True)
+        print("onepass.bench: peers not run: " + "; ".join(missing), file=sys.stderr, flush=True)
 
-    meta = report.metadata(device, {**vars(args), "device": device, "isolate": isolate}, peers)
+    meta = report.metadata(device, {**vars(args), "device": device}, peers)
     if cuda:
         from .floors import copy_bandwidth
 
         meta["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
-    rows = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))   # unwind: stop the running job
     t_start = time.perf_counter()
-    for group in group_cases(cs):
-        fam = get_family(group[0].family)
-        for provider in providers_for(fam, device, only):
-            if isolate == "case" and not cuda:
-                results = run_worker(group, provider, args)
-            else:
-                results = run_inprocess(group, provider, args, device)
-            for case, res in zip(group, results):
-                row = {**base_row(case, provider), **res}
-                if "peak_extra_bytes" in row:
-                    row["peak_extra_mib"] = row["peak_extra_bytes"] / MiB
-                if cuda:
-                    add_floor(row, case, device)
-                rows.append(row)
-                msg = row.get("error") or f"{row['median_ms']:.1f} ms, {row['peak_extra_mib']:.1f} MiB extra"
-                print(f"  [{time.perf_counter() - t_start:6.0f}s] {case.id} | {provider}: {msg}",
-                      file=sys.stderr, flush=True)
+    runner = Runner(args, device, sorted(used))
+    rows = []
+    with report.progress(sum(len(ps) + len(g) for g, ps in groups)) as prog:
+        for group, providers in groups:
+            rows += run_group(runner, group, providers, prog)
+    if cuda:
+        add_gpu_floors(rows, device)
     report.add_ratios(rows)
     meta["load_average_end"] = list(os.getloadavg())
     meta["elapsed_s"] = time.perf_counter() - t_start
+    meta["cpu_s"] = runner.cpu_seconds()
+    verdicts = report.verdicts(rows)
 
     os.makedirs(args.out, exist_ok=True)
     paths = {k: os.path.join(args.out, f) for k, f in
              (("json", "results.json"), ("md", "results.md"), ("plot", "plot.png"))}
-    report.print_table(rows, meta)
-    report.write_json(paths["json"], rows, meta)
-    report.write_markdown(paths["md"], rows, meta)
+    report.print_table(rows, verdicts, meta)
+    report.write_json(paths["json"], rows, verdicts, meta)
+    report.write_markdown(paths["md"], rows, verdicts, meta)
     if not report.write_plot(paths["plot"], rows, meta):
         paths.pop("plot")
     print("outputs: " + ", ".join(os.path.abspath(p) for p in paths.values()))
@@ -204,6 +252,29 @@ def main(argv=None) -> int:
         print(f"onepass.bench: {len(bad)} onepass/naive measurement(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def add_gpu_floors(rows: list, device: str) -> None:
+    """GPU "% of floor" of every row: the family's measured floor (floors.py) ÷ the row's median time."""
+    import statistics
+
+    from .floors import floor_ms
+
+    for row in rows:
+        fam = get_family(row["family"])
+        if fam.floor is None or "error" in row:
+            continue
+        fl = fam.floor(row["shape_dict"], row["dtype"], row["pass"], row["variant"])
+        if fl is None:
+            continue
+        try:
+            ms = floor_ms(fl, row["dtype"], device)
+        except Exception as exc:  # e.g. the floor's GEMM operands do not fit
+            row["floor_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            torch.cuda.empty_cache()
+            continue
+        row["floor_ms"], row["floor_kind"] = ms, fl.label
+        row["pct_floor"] = 100.0 * ms / statistics.median(row["times_ms"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Family ``grpo_loss``: ``onepass.grpo_loss`` (fused, token-mean, ε 0.2/0.2, β 0.04 with k3 to a
 precomputed reference log-prob, off-policy ratio from old_logp) vs the naive TRL-style loss that
-materializes [B, T, V] logits and their log-softmax, and on GPU Liger's ``LigerFusedLinearGRPOLoss``
+materializes [B, T, V] logits and their log-softmax, and Liger's chunked ``LigerFusedLinearGRPOLoss``
 with the same loss (loss_type "bnpo" = token mean over the batch, same β, ε, reference and old log-probs).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run_naive(x):
     return ((pg + BETA * kl) * m).sum() / m.sum().clamp_min(1)
 
 
-def run_liger(x):
+def run_liger_chunked(x):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     fn = LigerFusedLinearGRPOLoss(beta=BETA, use_ref_model=True, epsilon_low=EPS, epsilon_high=EPS,
@@ -63,10 +63,11 @@ def floor(shape, dtype, pass_, variant):
 
 FAMILIES = [family(
     "grpo_loss", op="grpo_loss", make_inputs=make_inputs,
-    providers={"onepass": run_onepass, "naive": run_naive, "liger": run_liger},
+    providers={"onepass": run_onepass, "naive": run_naive, "liger-chunked": run_liger_chunked},
     shapes={"cpu": [{"B": 8, "T": 512, "D": 1024, "V": 32000}],
             "cuda": [{"B": 16, "T": 1024, "D": 4096, "V": v} for v in (32000, 151936)],
             "quick": [{"B": 2, "T": 16, "D": 32, "V": v} for v in (256, 512)]},
+    default={"cpu": {"B": 2, "T": 256, "D": 512, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
     order=60, grad_inputs=("hidden", "weight"), floor=floor, passes=("fwd+bwd",),
-    notes={"liger": "LigerFusedLinearGRPOLoss(loss_type='bnpo', same β, ε, ref and old log-probs)"},
+    notes={"liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(loss_type='bnpo', same β, ε, ref and old log-probs)"},
 )]

@@ -41,6 +41,19 @@ def run_liger(x, kind):
         x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["targets"])
 
 
+def liger_chunked_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, kind):
+    """Liger's chunked fused-linear distillation loss (``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``,
+    torch + torch.compile) with the soft loss only; beta 1 = reverse KL, 0 = forward KL, 0.5 = JSD."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=_LIGER_BETA[kind])
+    return loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
+
+
+def run_liger_chunked(x, kind):
+    return liger_chunked_jsd(*_args(x), x["targets"], kind)
+
+
 def floor(shape, dtype, pass_, variant):
     n, d, v = shape["N"], shape["D"], shape["V"]
     g = linear_gemms(n, d, v, pass_) + linear_gemms(n, d, v, pass_, grad=False)
@@ -49,12 +62,15 @@ def floor(shape, dtype, pass_, variant):
 
 FAMILIES = [family(
     "linear_divergence", op="linear_divergence", make_inputs=make_inputs,
-    providers={"onepass": run_onepass, "naive": run_naive, "liger": run_liger},
+    providers={"onepass": run_onepass, "naive": run_naive, "liger-chunked": run_liger_chunked, "liger": run_liger},
     shapes={"cpu": [{"N": 1024, "D": 256, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "D": 4096, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "D": 32, "V": v} for v in QUICK_VOCABS]},
+    default={"cpu": {"N": 512, "D": 256, "V": 32000}, "cuda": {"N": 16384, "D": 4096, "V": 151936}},
     variants=[{"kind": "reverse_kl"}],
     order=40,
     grad_inputs=("student_hidden", "student_weight"), floor=floor,
-    notes={"liger": "LigerFusedLinearJSD: scalar mean loss"},
+    notes={"liger": "LigerFusedLinearJSD: scalar mean loss",
+           "liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (soft loss only, beta=1: reverse "
+                            "KL): scalar loss"},
 )]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import onepass
 from onepass import reference
 
+from .cases_logprobs import trl_logprobs_entropy
 from .registry import CPU_VOCABS, CUDA_VOCABS, QUICK_VOCABS, Floor, family, linear_gemms, onepass_backend, \
     randn, targets
 
@@ -25,6 +26,10 @@ def run_onepass(x):
 
 def run_naive(x):
     return reference.linear_token_logprobs(x["hidden"], x["weight"], x["targets"], return_entropy=True)
+
+
+def run_trl(x):
+    return trl_logprobs_entropy(x["hidden"] @ x["weight"].T, x["targets"])
 
 
 def run_liger(x):
@@ -46,12 +51,15 @@ def floor(shape, dtype, pass_, variant):
 
 FAMILIES = [family(
     "linear_logprobs", op="linear_token_logprobs", make_inputs=make_inputs,
-    providers={"onepass": run_onepass, "naive": run_naive, "liger": run_liger, "cce": run_cce},
+    providers={"onepass": run_onepass, "naive": run_naive, "trl": run_trl, "liger": run_liger, "cce": run_cce},
     shapes={"cpu": [{"N": 4096, "D": 1024, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "D": 4096, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "D": 32, "V": v} for v in QUICK_VOCABS]},
+    default={"cpu": {"N": 1024, "D": 512, "V": 32000}, "cuda": {"N": 16384, "D": 4096, "V": 151936}},
+    compile_default=True,
     order=20,
     grad_inputs=("hidden", "weight"), floor=floor,
-    notes={"liger": "LigerFusedLinearCrossEntropyLoss(reduction='none'): -logp only, no entropy",
+    notes={"trl": "logits materialized (hidden @ weight.T), then trl selective_log_softmax_and_entropy",
+           "liger": "LigerFusedLinearCrossEntropyLoss(reduction='none'): -logp only, no entropy",
            "cce": "cut_cross_entropy.linear_cross_entropy(reduction='none'): -logp only, no entropy"},
 )]

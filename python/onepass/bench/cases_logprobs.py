@@ -21,6 +21,19 @@ def run_naive(x):
     return reference.token_logprobs(x["logits"], x["targets"], return_entropy=True)
 
 
+def trl_logprobs_entropy(logits, targets):
+    """TRL's one-pass log-softmax gather and entropy (``selective_log_softmax_and_entropy``); ignored
+    positions (-100) are masked rows, as a TRL trainer masks them."""
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    keep = targets != -100
+    return selective_log_softmax_and_entropy(logits, targets.clamp_min(0), row_mask=keep)
+
+
+def run_trl(x):
+    return trl_logprobs_entropy(x["logits"], x["targets"])
+
+
 def run_liger(x):
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -36,11 +49,13 @@ def floor(shape, dtype, pass_, variant):
 
 FAMILIES = [family(
     "logprobs", op="token_logprobs", make_inputs=make_inputs,
-    providers={"onepass": run_onepass, "naive": run_naive, "liger": run_liger},
+    providers={"onepass": run_onepass, "naive": run_naive, "trl": run_trl, "liger": run_liger},
     shapes={"cpu": [{"N": 4096, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "V": v} for v in QUICK_VOCABS]},
+    default={"cpu": {"N": 1024, "V": 32000}, "cuda": {"N": 16384, "V": 151936}},
     order=10,
     grad_inputs=("logits",), floor=floor,
-    notes={"liger": "LigerCrossEntropyLoss(reduction='none'): -logp only, no entropy"},
+    notes={"liger": "LigerCrossEntropyLoss(reduction='none'): -logp only, no entropy",
+           "trl": "trl selective_log_softmax_and_entropy (logp and entropy, ignored rows masked)"},
 )]

@@ -8,7 +8,8 @@ import torch
 import onepass
 from onepass import reference
 
-from .registry import family, onepass_backend, randn, targets
+from .cases_linear_divergence import liger_chunked_jsd
+from .registry import Floor, family, linear_gemms, onepass_backend, randn, targets
 
 
 def make_inputs(shape, dtype, device, gen):
@@ -35,11 +36,27 @@ def run_naive(x):
     return (d * m).sum() / m.sum().clamp_min(1)
 
 
+def run_liger_chunked(x):
+    """Liger's chunked distillation loss; masked positions are given as ignored targets."""
+    d = x["hidden"].shape[-1]
+    tgt = x["targets"].masked_fill(x["mask"] == 0, -100).reshape(-1)
+    return liger_chunked_jsd(x["hidden"].reshape(-1, d), x["weight"], x["teacher_hidden"].reshape(-1, d),
+                             x["teacher_weight"], tgt, "reverse_kl")
+
+
+def floor(shape, dtype, pass_, variant):
+    n, d, v = shape["B"] * shape["T"], shape["D"], shape["V"]
+    return Floor(gemms=linear_gemms(n, d, v, pass_) + linear_gemms(n, d, v, pass_, grad=False), label="GEMM")
+
+
 FAMILIES = [family(
     "opd_loss", op="opd_loss", make_inputs=make_inputs,
-    providers={"onepass": run_onepass, "naive": run_naive},
+    providers={"onepass": run_onepass, "naive": run_naive, "liger-chunked": run_liger_chunked},
     shapes={"cpu": [{"B": 4, "T": 256, "D": 1024, "V": 32000}],
             "cuda": [{"B": 16, "T": 1024, "D": 4096, "V": v} for v in (32000, 151936)],
             "quick": [{"B": 2, "T": 16, "D": 32, "V": v} for v in (256, 512)]},
-    order=70, grad_inputs=("hidden", "weight"), passes=("fwd+bwd",),
+    default={"cpu": {"B": 2, "T": 256, "D": 512, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
+    order=70, grad_inputs=("hidden", "weight"), passes=("fwd+bwd",), floor=floor,
+    notes={"liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (soft loss only, beta=1: reverse "
+                            "KL), masked tokens as ignored targets"},
 )]

@@ -13,8 +13,8 @@ import statistics
 
 import torch
 
-from .measure import time_cuda
-from .registry import Floor, Gemm, torch_dtype
+from .measure import floor_runner, time_cuda
+from .registry import Floor, Gemm
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,30 +30,9 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = 2 * 2**30) -> float:
 
 @functools.lru_cache(maxsize=None)
 def gemm_ms(g: Gemm, dtype: str, device: str = "cuda") -> float:
-    dt = torch_dtype(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dt)
-
-    if g.layout == "nt":          # A[m,k] @ B[n,k].T
-        a, b = rnd(g.m, g.k), rnd(g.n, g.k)
-        lhs, rhs = a, b.T
-    elif g.layout == "nn":        # A[m,k] @ B[k,n]
-        a, b = rnd(g.m, g.k), rnd(g.k, g.n)
-        lhs, rhs = a, b
-    elif g.layout == "tn":        # A[k,m].T @ B[k,n]
-        a, b = rnd(g.k, g.m), rnd(g.k, g.n)
-        lhs, rhs = a.T, b
-    else:
-        raise ValueError(f"unknown GEMM layout {g.layout!r}")
-    out = torch.empty((g.m, g.n), dtype=dt, device=device)
-
-    def run():
-        torch.mm(lhs, rhs, out=out)
-
+    run = floor_runner((g,), dtype, device)
     ms = statistics.median(time_cuda(run, repeat=10, device=device))
-    del a, b, lhs, rhs, out
+    del run
     torch.cuda.empty_cache()
     return ms
 

@@ -1,7 +1,8 @@
 """Glue for the pytest-benchmark suites in ``benchmarks/``: the same cases and providers as the CLI.
 
-Shapes: the tiny "quick" shapes by default (the suites then run in seconds); ``ONEPASS_BENCH_SHAPES=default``
-(or ``pytest benchmarks --bench-shapes default``) uses the CLI's default shapes of the device.
+Shapes: the tiny "quick" shapes by default (the suites then run in seconds, without the peers that compile);
+``ONEPASS_BENCH_SHAPES=default`` (or ``pytest benchmarks --bench-shapes default``) uses the CLI's default
+shape of each family on the device, with every installed peer and, on the CPU, the GEMM "floor".
 Device: CUDA when available (``ONEPASS_BENCH_DEVICE`` overrides).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from .registry import cases, get_family, providers_for, set_onepass_backend
+from .registry import cases, get_family, providers_for, runs_in, set_onepass_backend
 
 
 def device() -> str:
@@ -24,8 +25,9 @@ def params(family: str):
     quick = os.environ.get("ONEPASS_BENCH_SHAPES", "quick") != "default"
     dev = device()
     out = []
-    for c in cases(dev, quick=quick, names=[family], dtype=os.environ.get("ONEPASS_BENCH_DTYPE")):
-        for provider in providers_for(get_family(family), dev):
+    fam = get_family(family)
+    for c in cases(dev, quick=quick, names=[family], dtype=os.environ.get("ONEPASS_BENCH_DTYPE"), full=False):
+        for provider in [p for p in providers_for(fam, dev, quick=quick, full=False) if runs_in(p, c.pass_)]:
             cid = "-".join([c.op_label, c.shape_label.replace(" ", ","), c.dtype, c.pass_, provider])
             out.append(pytest.param(c, provider, id=cid))
     return out

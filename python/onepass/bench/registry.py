@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import pkgutil
 from typing import Any, Callable, Optional
 
@@ -21,10 +22,33 @@ PASSES = ("fwd", "fwd+bwd")
 UPSTREAM_ROWS = 8
 
 CORE_PROVIDERS = ("onepass", "naive")
-#: peers: listed only on a CUDA device and only when importable
-PEER_PROVIDERS = ("torch.compile(naive)", "liger", "cce", "pot")
-#: peers that also run on the CPU (when importable)
-CPU_PEERS = ("pot",)
+#: the CPU floor of the fused-linear families: their GEMMs alone (torch.mm), timed in the same rounds
+FLOOR_PROVIDER = "floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """An optional peer provider: the module that must be importable, the devices it runs on, whether its
+    first call compiles (torch.compile / inductor; warmed up at the real shape, skipped by --quick), and the
+    passes it is measured in."""
+    module: Optional[str]
+    devices: tuple = ("cpu", "cuda")
+    compiles: bool = False
+    passes: tuple = PASSES
+
+
+#: the peers, in table order.  "torch.compile(naive)" is derived from a family's "naive" provider; the others
+#: are entries of a family's ``providers`` under the same key.
+PEERS = {
+    "torch.compile(naive)": Peer(None, compiles=True),
+    "trl": Peer("trl"),                                          # selective_log_softmax_and_entropy
+    # liger_kernel.chunked_loss (torch + compile) computes the gradients inside its forward: training only
+    "liger-chunked": Peer("liger_kernel", compiles=True, passes=("fwd+bwd",)),
+    "liger": Peer("liger_kernel", devices=("cuda",)),            # Liger's Triton ops
+    "cce": Peer("cut_cross_entropy", devices=("cuda",)),
+    "pot": Peer("ot"),
+}
+PEER_PROVIDERS = tuple(PEERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +59,21 @@ class Gemm:
     m: int
     n: int
     k: int
+    recompute: bool = False     # a second logits GEMM of the GPU backward (not in the CPU floor)
 
 
 @dataclasses.dataclass(frozen=True)
 class Floor:
-    """What no implementation can beat on a GPU: a sum of measured GEMMs, or bytes over the measured
-    copy bandwidth (each input read once, each output written once)."""
+    """What no implementation can beat: a sum of measured GEMMs, or (GPU only) bytes over the measured
+    copy bandwidth (each input read once, each output written once).  On the CPU only GEMM floors are
+    measured, without the recompute GEMMs (``cpu_gemms``), as the "floor" provider of the same rounds."""
     gemms: tuple = ()
     bytes: int = 0
     label: str = ""
+
+    @property
+    def cpu_gemms(self) -> tuple:
+        return tuple(g for g in self.gemms if not g.recompute)
 
 
 @dataclasses.dataclass
@@ -58,9 +88,13 @@ class Family:
     dtypes: default dtype per device key ("cpu", "cuda", "quick").
     grad_inputs: names of the inputs that require grad in the "fwd+bwd" pass.
     variants: list of keyword dicts passed to every provider (one case each), e.g. [{"kind": "jsd"}].
-    floor: floor(shape, dtype, pass, variant) -> Floor or None (GPU only).
-    sweep: the shape key plotted on the x axis.
-    notes: {provider: text} shown with that provider's rows (e.g. "logp only, no entropy").
+    floor: floor(shape, dtype, pass, variant) -> Floor or None (GPU: GEMMs or bytes; CPU: GEMMs only).
+    sweep: the shape key plotted on the x axis (``--full``).
+    notes: {provider: text} shown under the table (e.g. "logp only, no entropy").
+    default: {"cpu": shape, "cuda": shape}: the one representative shape of the default run (``--full`` runs
+        ``shapes``); without it the default run takes the first shape of ``shapes`` for the device.
+    compile_default: whether the default CPU run includes "torch.compile(naive)" (compiling costs 10-30 s
+        per case on two cores); ``--full`` and CUDA always include it.
     """
     name: str
     op: str
@@ -76,6 +110,17 @@ class Family:
     sweep: str = "V"
     notes: dict = dataclasses.field(default_factory=dict)
     order: int = 100          # position in the default listing (then by name)
+    default: dict = dataclasses.field(default_factory=dict)
+    compile_default: bool = False
+
+    def shapes_for(self, key: str, full: bool) -> list:
+        """Shapes of device key "cpu" / "cuda" / "quick": the sweep (``full`` or quick) or the one default."""
+        sweep = self.shapes.get(key, [])
+        if full or key == "quick":
+            return list(sweep)
+        if key in self.default:
+            return [self.default[key]]
+        return sweep[:1]
 
     def rows(self, shape: dict) -> int:
         if "N" in shape:
@@ -165,8 +210,10 @@ def device_key(device: str, quick: bool) -> str:
 
 
 def cases(device: str = "cpu", *, quick: bool = False, names=None, dtype: Optional[str] = None,
-          passes=PASSES) -> list:
-    """Every case of the selected families for ``device`` (default shapes; ``quick`` = tiny shapes)."""
+          passes=PASSES, full: bool = True) -> list:
+    """Every case of the selected families for ``device``: the sweep of ``shapes`` (``full``, the default of
+    this function and of the pytest suites), the one representative shape (``full=False``, the CLI default),
+    or the tiny shapes (``quick``)."""
     key = device_key(device, quick)
     fams = families()
     selected = list(fams) if not names else list(names)
@@ -175,7 +222,7 @@ def cases(device: str = "cpu", *, quick: bool = False, names=None, dtype: Option
         fam = get_family(name)
         dt = dtype or fam.dtypes.get(key, "float32")
         for variant in fam.variants:
-            for shape in fam.shapes.get(key, []):
+            for shape in fam.shapes_for(key, full):
                 for p in fam.passes:
                     if p in passes:
                         out.append(Case(fam.name, tuple(sorted(variant.items())), tuple(shape.items()), dt, p))
@@ -186,23 +233,21 @@ def cases(device: str = "cpu", *, quick: bool = False, names=None, dtype: Option
 # Providers
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def peer_status() -> dict:
-    """{peer: (available, reason)} for this machine (peers run on CUDA devices only, but CPU_PEERS)."""
-    cuda = torch.cuda.is_available()
+def peer_status(device: str = "cpu") -> dict:
+    """{peer: (available, reason)} on ``device`` ("cpu" or "cuda...").  Importability is probed with
+    ``importlib.util.find_spec`` (some peers take 10+ s to import); a broken install shows as an error row."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
     st = {}
-    for peer, module in (("torch.compile(naive)", None), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy"),
-                         ("pot", "ot")):
-        if not cuda and peer not in CPU_PEERS:
-            st[peer] = (False, "GPU only (no CUDA device)")
-            continue
-        if module is None:
-            st[peer] = (hasattr(torch, "compile"), "" if hasattr(torch, "compile") else "torch.compile missing")
-            continue
-        try:
-            importlib.import_module(module)
-            st[peer] = (True, "")
-        except Exception as exc:  # ImportError, or a broken install
-            st[peer] = (False, f"{module} not importable ({type(exc).__name__})")
+    for name, peer in PEERS.items():
+        if kind not in peer.devices:
+            st[name] = (False, "GPU only")
+        elif peer.module is None:
+            ok = hasattr(torch, "compile")
+            st[name] = (ok, "" if ok else "torch.compile missing")
+        elif importlib.util.find_spec(peer.module) is None:
+            st[name] = (False, f"{peer.module} not installed (pip install -e \".[peers]\")")
+        else:
+            st[name] = (True, "")
     return st
 
 
@@ -215,19 +260,36 @@ def _compiled_naive(fam: Family):
     return _COMPILED[fam.name]
 
 
-def providers_for(fam: Family, device: str, only=None) -> dict:
-    """{provider: fn} runnable for ``fam`` on ``device`` (peers only on CUDA and when importable)."""
+def has_cpu_floor(fam: Family) -> bool:
+    """Whether the family has a GEMM floor (the fused-linear families): then "floor" is a CPU provider."""
+    if fam.floor is None:
+        return False
+    shape = (fam.shapes.get("quick") or fam.shapes.get("cpu") or [{}])[0]
+    try:
+        fl = fam.floor(shape, "float32", fam.passes[0], fam.variants[0])
+    except Exception:
+        return False
+    return bool(fl is not None and fl.cpu_gemms)
+
+
+def providers_for(fam: Family, device: str, only=None, *, quick: bool = False, full: bool = True) -> dict:
+    """{provider: fn} runnable for ``fam`` on ``device``: onepass, naive, the installed peers that run on the
+    device (``quick`` drops the peers that compile; the default CPU run, ``full=False``, compiles the naive code
+    only for families with ``compile_default``), and on the CPU the GEMM "floor" of fused-linear families.
+    The floor's fn is None: ``measure.Call`` builds it from ``fam.floor``."""
     out = {k: fam.providers[k] for k in CORE_PROVIDERS}
-    if device.startswith("cuda"):
-        st = peer_status()
-        if st["torch.compile(naive)"][0]:
-            out["torch.compile(naive)"] = lambda inputs, _f=fam, **kw: _compiled_naive(_f)(inputs, **kw)
-        for peer in ("liger", "cce"):
-            if peer in fam.providers and st[peer][0]:
-                out[peer] = fam.providers[peer]
-    for peer in CPU_PEERS:
-        if peer in fam.providers and peer_status()[peer][0]:
-            out[peer] = fam.providers[peer]
+    cuda = device.startswith("cuda")
+    st = peer_status("cuda" if cuda else "cpu")
+    for name, peer in PEERS.items():
+        if not st[name][0] or (quick and peer.compiles):
+            continue
+        if name == "torch.compile(naive)":
+            if cuda or full or fam.compile_default:
+                out[name] = lambda inputs, _f=fam, **kw: _compiled_naive(_f)(inputs, **kw)
+        elif name in fam.providers:
+            out[name] = fam.providers[name]
+    if not cuda and has_cpu_floor(fam):
+        out[FLOOR_PROVIDER] = None
     if only:
         out = {k: v for k, v in out.items() if k in only}
     return out
@@ -238,6 +300,17 @@ def provider_fn(fam: Family, provider: str, device: str):
     if provider not in fns:
         raise KeyError(f"provider {provider!r} is not available for {fam.name} on {device}")
     return fns[provider]
+
+
+def compiles(provider: str) -> bool:
+    peer = PEERS.get(provider)
+    return bool(peer and peer.compiles)
+
+
+def runs_in(provider: str, pass_: str) -> bool:
+    """Whether ``provider`` is measured in ``pass_`` (a peer may be limited to some passes)."""
+    peer = PEERS.get(provider)
+    return peer is None or pass_ in peer.passes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,13 +349,15 @@ def itemsize(dtype: str) -> int:
 
 def linear_gemms(n: int, d: int, v: int, pass_: str, *, grad: bool = True) -> tuple:
     """The GEMM floor of one LM head: fwd = logits h@W.T; fwd+bwd (grad=True) = logits, their recompute,
-    dH = dZ @ W and dW = dZ.T @ h (the 4-GEMM floor); grad=False (a frozen model) = logits twice."""
+    dH = dZ @ W and dW = dZ.T @ h (the GPU 4-GEMM floor; the CPU floor drops the recompute: 3 GEMMs);
+    grad=False (a frozen model) = logits (+ their recompute on the GPU)."""
     fwd = Gemm("nt", n, v, d)
     if pass_ == "fwd":
         return (fwd,)
+    again = Gemm("nt", n, v, d, recompute=True)
     if not grad:
-        return (fwd, fwd)
-    return (fwd, fwd, Gemm("nn", n, d, v), Gemm("tn", v, d, n))
+        return (fwd, again)
+    return (fwd, again, Gemm("nn", n, d, v), Gemm("tn", v, d, n))
 
 
 # ------------------------------------------------------------------------------------------------

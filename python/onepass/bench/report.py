@@ -1,20 +1,23 @@
-"""Outputs of a benchmark run: the stdout table, ``results.json``, ``results.md`` and ``plot.png``."""
+"""Outputs of a benchmark run: ratios and verdicts, the stdout tables, ``results.json``, ``results.md`` and
+``plot.png``.  rich (tables, progress bar) and matplotlib (plot) are the ``bench`` extra, imported lazily:
+without rich the tables are plain text, without matplotlib there is no plot."""
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
-from collections import defaultdict
+import sys
+from collections import OrderedDict
 
 import torch
 
+from .registry import FLOOR_PROVIDER, PEERS, get_family
+
 MiB = 2**20
-PROVIDER_COLORS = {"onepass": "tab:green", "naive": "tab:red", "torch.compile(naive)": "tab:orange",
-                   "liger": "tab:blue", "cce": "tab:purple"}
-COLUMNS = ("op", "shape", "dtype", "pass", "provider", "median ms", "peak extra MiB", "scratch MiB", "time/naive",
-           "mem/naive", "% of floor", "runs", "note")
 
 
 def cpu_model() -> str:
@@ -28,11 +31,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str):
+def _version(dist: str):
+    """Installed version of a distribution (without importing it), or None."""
+    from importlib import metadata
+
     try:
-        mod = __import__(module)
-        return getattr(mod, "__version__", "unknown")
-    except Exception:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -64,8 +69,10 @@ def metadata(device: str, args: dict, peers: dict) -> dict:
         "onepass": getattr(onepass, "__version__", "unknown"),
         "onepass_commit": _git_commit(),
         "onepass_backends": onepass.available_backends(device),
-        "liger_kernel": _version("liger_kernel") if cuda else None,
-        "cut_cross_entropy": _version("cut_cross_entropy") if cuda else None,
+        "liger_kernel": _version("liger-kernel"),
+        "trl": _version("trl"),
+        "pot": _version("pot"),
+        "cut_cross_entropy": _version("cut-cross-entropy") if cuda else None,
         "cuda": torch.version.cuda if cuda else None,
         "peers": {k: {"available": v[0], "reason": v[1]} for k, v in peers.items()},
         "args": args,
@@ -73,149 +80,466 @@ def metadata(device: str, args: dict, peers: dict) -> dict:
     return meta
 
 
+
+# ------------------------------------------------------------------------------------------------
+# Ratios and verdicts
+# ------------------------------------------------------------------------------------------------
+def round_ratios(a: list, b: list) -> dict | None:
+    """a ÷ b per interleaved round: median, min, max and the verdict ("faster" when every round's ratio is
+    below 1, "slower" when every one is above, else "unresolved")."""
+    rs = [x / y for x, y in zip(a, b) if y > 0]
+    if not rs:
+        return None
+    lo, hi = min(rs), max(rs)
+    verdict = "faster" if hi < 1.0 else ("slower" if lo > 1.0 else "unresolved")
+    return {"median": statistics.median(rs), "min": lo, "max": hi, "verdict": verdict, "rounds": len(rs)}
+
+
 def add_ratios(rows: list) -> None:
-    """time/naive and mem/naive of every row against the naive row of the same case."""
-    naive = {r["case_id"]: r for r in rows if r["provider"] == "naive" and "error" not in r}
+    """Per row: median/min/max time of its rounds, time and memory ratio to the naive row of the same case
+    (``time_ratio*``: median and range of the per-round ratios), and for onepass rows the ratio to the floor."""
+    by_case: dict = {}
     for r in rows:
-        n = naive.get(r["case_id"])
-        if n is None or "error" in r:
-            r["time_ratio"] = r["mem_ratio"] = None
+        if "error" not in r and r.get("times_ms"):
+            t = r["times_ms"]
+            r.update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), rounds=len(t))
+            by_case.setdefault(r["case_id"], {})[r["provider"]] = r
+    for r in rows:
+        mine = by_case.get(r["case_id"], {})
+        naive, r["time_ratio"], r["mem_ratio"] = mine.get("naive"), None, None
+        if naive is None or "median_ms" not in r:
             continue
-        r["time_ratio"] = r["median_ms"] / n["median_ms"] if n["median_ms"] > 0 else None
-        r["mem_ratio"] = r["peak_extra_bytes"] / n["peak_extra_bytes"] if n["peak_extra_bytes"] > 0 else None
+        st = round_ratios(r["times_ms"], naive["times_ms"])
+        if st:
+            r.update(time_ratio=st["median"], time_ratio_min=st["min"], time_ratio_max=st["max"],
+                     time_verdict=st["verdict"])
+        if r.get("peak_extra_bytes") is not None and naive.get("peak_extra_bytes"):
+            r["mem_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+        floor = mine.get(FLOOR_PROVIDER)
+        if r["provider"] == "onepass" and floor is not None:
+            st = round_ratios(r["times_ms"], floor["times_ms"])
+            if st:
+                r.update(floor_ratio=st["median"], floor_ratio_min=st["min"], floor_ratio_max=st["max"])
 
 
+def verdicts(rows: list) -> list:
+    """Per case and pass: onepass against naive and against every other provider of the case (time: median of
+    the per-round ratios with min-max and verdict; memory: ratio of peak extra bytes) and against its floor."""
+    cases: OrderedDict = OrderedDict()
+    for r in rows:
+        if "median_ms" in r:
+            key = (r["family"], r["op"], r["shape"], r["dtype"])
+            cases.setdefault(key, OrderedDict()).setdefault(r["pass"], {})[r["provider"]] = r
+    out = []
+    for (fam, op, shape, dtype), passes in cases.items():
+        entry = {"family": fam, "op": op, "shape": shape, "dtype": dtype, "passes": {}}
+        for pass_, provs in passes.items():
+            mine = provs.get("onepass")
+            if mine is None:
+                continue
+            vs = {}
+            for other, r in provs.items():
+                if other in ("onepass", FLOOR_PROVIDER):
+                    continue
+                st = round_ratios(mine["times_ms"], r["times_ms"])
+                if st is None:
+                    continue
+                peak, other_peak = mine.get("peak_extra_bytes"), r.get("peak_extra_bytes")
+                st["memory"] = peak / other_peak if peak is not None and other_peak else None
+                vs[other] = st
+            fl = provs.get(FLOOR_PROVIDER)
+            entry["passes"][pass_] = {
+                "vs": vs, "floor": round_ratios(mine["times_ms"], fl["times_ms"]) if fl else None,
+                "load_before": mine.get("load_before"), "load_after": mine.get("load_after")}
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Text output
+# ------------------------------------------------------------------------------------------------
 def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
-def cells(r: dict, gpu: bool) -> list:
-    err = r.get("error")
-    if err:
-        return [r["op"], r["shape"], r["dtype"], r["pass"], r["provider"], "error", "", "", "", "", "", "",
-                err[:80]]
-    pct = r.get("pct_floor")
-    return [r["op"], r["shape"], r["dtype"], r["pass"], r["provider"], _fmt(r["median_ms"], ".1f"),
-            _fmt(r["peak_extra_bytes"] / MiB, ".1f"),
-            _fmt(max(0, r["peak_extra_bytes"] - r["result_bytes"]) / MiB if "result_bytes" in r else None, ".1f"),
-            _fmt(r.get("time_ratio"), ".2f"),
-            _fmt(r.get("mem_ratio"), ".3f"), (_fmt(pct, ".0f") + ("%" if pct is not None else "")) if gpu else "n/a",
-            str(r.get("runs", "")), r.get("note", "")]
+def _ratio_cell(r: dict) -> str:
+    if r.get("time_ratio") is None:
+        return "—"
+    return f"{r['time_ratio']:.2f} [{r['time_ratio_min']:.2f}–{r['time_ratio_max']:.2f}]"
+
+
+def _mem(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3f}" if x < 0.1 else f"{x:.2f}"
+
+
+TABLE_COLUMNS = ("case", "pass", "provider", "ms", "×naive [min–max]", "extra MiB", "mem ×naive", "×floor",
+                 "rounds")
+
+
+def table_rows(rows: list) -> tuple:
+    """(cells, starts) of the main table: the case (op, variant, shape, dtype) is written over the first rows of
+    a case; ``starts[i]`` says that row i begins a case."""
+    out, starts, seen = [], [], {}
+    for r in rows:
+        key = (r["op"], r["shape"], r["dtype"])
+        i = seen.setdefault(key, 0)
+        seen[key] += 1
+        parts = [r["op"].split("[")[0]] + ([f"[{r['variant_label']}]"] if r["variant_label"] else []) \
+            + [r["shape"], r["dtype"]]
+        label = parts[i] if i < len(parts) else ""
+        if "error" in r:
+            cells = [label, r["pass"], r["provider"], "error", "", "", "", "", ""]
+        else:
+            fl = r.get("floor_ratio")
+            cells = [label, r["pass"], r["provider"], _fmt(r.get("median_ms"), ".1f"), _ratio_cell(r),
+                     _fmt(r.get("peak_extra_mib"), ".1f"), _mem(r.get("mem_ratio")),
+                     "" if fl is None else f"{fl:.2f}", str(r.get("rounds", ""))]
+        out.append(cells)
+        starts.append(i == 0)
+    return out, starts
+
+
+def _drop_empty(columns, body):
+    keep = [j for j in range(len(columns)) if any(row[j] not in ("", "—") for row in body)]
+    return [columns[j] for j in keep], [[row[j] for j in keep] for row in body]
+
+
+VERDICT_PEERS = ("naive", "torch.compile(naive)", "trl", "liger-chunked", "liger", "cce", "pot")
+
+
+def verdict_table(vds: list) -> tuple:
+    """(columns, body) of the verdict table: onepass time ÷ each provider (median, verdict), memory ÷ naive,
+    time ÷ floor."""
+    others = [p for p in VERDICT_PEERS if any(p in pv["vs"] for v in vds for pv in v["passes"].values())]
+    cols = ["op", "pass", "vs naive", "mem"] + [f"vs {p}" for p in others[1:]] + ["÷floor"]
+    body = []
+    for v in vds:
+        first = True
+        for pass_, pv in v["passes"].items():
+            cells = [v["op"] if first else "", pass_]
+            for p in others:
+                st = pv["vs"].get(p)
+                cells.append("" if st is None else
+                             ("unresolved" if st["verdict"] == "unresolved" else f"{st['median']:.2f} {st['verdict']}"))
+                if p == "naive":
+                    cells.append("" if st is None else _mem(st["memory"]))
+            cells.append("" if pv["floor"] is None else f"{pv['floor']['median']:.2f}")
+            body.append(cells)
+            first = False
+    return _drop_empty(cols, body)
+
+
+def notes(rows: list) -> list:
+    """Notes printed under the tables: what each peer computes, compile times, errors."""
+    out = []
+    for fam_name in dict.fromkeys(r["family"] for r in rows):
+        fam = get_family(fam_name)
+        provs = {r["provider"] for r in rows if r["family"] == fam_name}
+        for p, text in fam.notes.items():
+            if p in provs:
+                out.append(f"{fam.op} / {p}: {text}")
+    comp = [(r["op"], r["pass"], r["provider"], r["compile_s"]) for r in rows if r.get("compile_s")]
+    if comp:
+        out.append("first call (compile) of compiling peers, s: "
+                   + "; ".join(f"{o} {pa} {p} {s:.1f}" for o, pa, p, s in comp))
+    for r in rows:
+        if "error" in r:
+            out.append(f"error: {r['op']} {r['shape']} {r['pass']} {r['provider']}: {r['error'][:160]}")
+    return out
+
+
+LEGEND = ("ms: median of the interleaved rounds; ×naive: provider time ÷ naive time, median of the per-round "
+          "ratios [min–max]; extra MiB: peak memory of one call above what its inputs held (fresh process); "
+          "×floor: onepass ÷ its GEMMs alone (torch.mm, same rounds; CPU: fwd 1 GEMM, fwd+bwd 3 per trained "
+          "head, 1 per frozen head). Verdict: onepass ÷ provider; 'faster'/'slower' only when every round agrees, "
+          "else 'unresolved'.")
 
 
 def header_lines(meta: dict) -> list:
     lines = [
-        f"device: {meta['device']} — {meta['device_name']}",
-        f"date: {meta['date']}; onepass {meta['onepass']} ({meta.get('onepass_commit') or 'no git'}), "
-        f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}"
-        + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
-        f"CPU: {meta['cpu_model']} ({meta['cpu_count']} cores, torch threads {meta['torch_threads']}); "
-        f"load average at start {', '.join(f'{x:.1f}' for x in meta['load_average_start'])}"
-        + (f", at end {', '.join(f'{x:.1f}' for x in meta['load_average_end'])}" if meta.get("load_average_end")
-           else ""),
-        f"onepass backend: {meta['args'].get('backend')} (available: {', '.join(meta['onepass_backends'])})",
+        f"device: {meta['device']} — {meta['device_name']}; {meta['date']}",
+        f"onepass {meta['onepass']} ({meta.get('onepass_commit') or 'no git'}), torch {meta['torch']}, "
+        f"triton {meta['triton']}, python {meta['python']}" + (f", CUDA {meta['cuda']}" if meta.get("cuda") else ""),
+        f"CPU: {meta['cpu_model']} ({meta['cpu_count']} cores, torch threads {meta['torch_threads']}); load average "
+        f"{meta['load_average_start'][0]:.1f} at start"
+        + (f", {meta['load_average_end'][0]:.1f} at end" if meta.get("load_average_end") else "")
+        + (f"; {meta['elapsed_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU" if meta.get("elapsed_s") else ""),
+        f"onepass backend: {meta['args'].get('backend')} (available: {', '.join(meta['onepass_backends'])}); peers: "
+        + ", ".join(f"{k} {v}" for k, v in (("liger-kernel", meta.get("liger_kernel")), ("trl", meta.get("trl")),
+                                            ("pot", meta.get("pot")), ("cce", meta.get("cut_cross_entropy"))) if v),
     ]
     if meta.get("copy_bandwidth_GBps"):
         lines.append(f"measured device copy bandwidth: {meta['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
     missing = [f"{k} ({v['reason']})" for k, v in meta["peers"].items() if not v["available"]]
     if missing:
-        lines.append("peers not listed: " + "; ".join(missing))
-    lines.append("time/naive, mem/naive: provider ÷ naive on the same case (lower is better); peak extra = "
-                 "peak memory during the call minus what the inputs already held; scratch = peak extra minus the "
-                 "bytes of the outputs and input gradients the call returns; % of floor = floor time ÷ "
-                 "measured time (GPU only)")
+        lines.append("peers not run: " + "; ".join(missing))
     return lines
 
 
-def print_table(rows: list, meta: dict) -> None:
-    gpu = meta["device"].startswith("cuda")
+WIDTH = 120
+
+
+def _wrap(text: str, indent: str = "") -> list:
+    import textwrap
+
+    return textwrap.wrap(text, WIDTH, subsequent_indent=indent) or [""]
+
+
+def print_table(rows: list, vds: list, meta: dict) -> None:
+    cells, starts = table_rows(rows)
+    cols, body = _drop_empty(list(TABLE_COLUMNS), cells)
+    vcols, vbody = verdict_table(vds)
+    vstarts = [bool(row[0]) for row in vbody]
+    foot = [line for n in notes(rows) for line in _wrap("- " + n, "  ")] + _wrap(LEGEND)
     try:
+        from rich import box
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
-    except ImportError:  # plain fallback
-        print("\n".join(header_lines(meta)))
-        print(" | ".join(COLUMNS))
-        for r in rows:
-            print(" | ".join(cells(r, gpu)))
+    except ImportError:  # the bench extra is not installed: plain text
+        for line in header_lines(meta):
+            print(line)
+        for c, b in ((cols, body), (vcols, vbody)):
+            print(" | ".join(c))
+            for row in b:
+                print(" | ".join(row))
+        print("\n".join(foot))
         return
-    console = Console(width=max(190, Console().width))
+    console = Console(width=WIDTH, highlight=False)
     for line in header_lines(meta):
-        console.print(line, highlight=False, markup=False)
-    table = Table(show_lines=False)
-    for c in COLUMNS:
-        table.add_column(c, justify="right" if c not in ("op", "shape", "dtype", "pass", "provider", "note")
-                         else "left", overflow="fold", no_wrap=c in ("op", "shape"))
-    from rich.markup import escape
+        console.print(escape(line))
+    for title, c, b, st in (("results", cols, body, starts),
+                            ("verdict: onepass ÷ each provider", vcols, vbody, vstarts)):
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+        for name in c:
+            left = name in ("case", "op", "pass", "provider")
+            table.add_column(name, justify="left" if left else "right", overflow="fold",
+                             max_width=30 if name in ("case", "op") else None)
+        for i, row in enumerate(b):
+            if st[i] and i:
+                table.add_section()
+            table.add_row(*(escape(x) for x in row))
+        console.print(table)
+    for line in foot:
+        console.print(escape(line))
 
-    for r in rows:
-        table.add_row(*(escape(c) for c in cells(r, gpu)))
-    console.print(table)
 
-
-def write_json(path: str, rows: list, meta: dict) -> None:
+def write_json(path: str, rows: list, vds: list, meta: dict) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        json.dump({"meta": meta, "verdicts": vds, "rows": rows}, f, indent=1, default=str)
 
 
-def write_markdown(path: str, rows: list, meta: dict) -> None:
-    gpu = meta["device"].startswith("cuda")
-    out = ["# onepass benchmark results", ""]
-    out += [f"- {line}" for line in header_lines(meta)]
-    out += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for r in rows:
-        out.append("| " + " | ".join(c.replace("|", "/") for c in cells(r, gpu)) + " |")
-    out.append("")
+def _md_table(cols, body) -> list:
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+    return out
+
+
+def write_markdown(path: str, rows: list, vds: list, meta: dict) -> None:
+    out = ["# onepass benchmark results", ""] + [f"- {line}" for line in header_lines(meta)]
+    out += ["", "## Verdict: onepass ÷ each provider", ""] + _md_table(*verdict_table(vds))
+    out += ["", "## Results", ""] + _md_table(*_drop_empty(list(TABLE_COLUMNS), table_rows(rows)[0]))
+    out += ["", "## Notes", ""] + [f"- {n}" for n in notes(rows)] + ["", LEGEND, ""]
     with open(path, "w") as f:
         f.write("\n".join(out))
 
 
+# ------------------------------------------------------------------------------------------------
+# Progress bar
+# ------------------------------------------------------------------------------------------------
+class progress:
+    """``with progress(total) as p``: a rich progress bar with ETA on stderr (plain lines without rich);
+    ``p.describe(text)`` says what runs, ``p.advance()`` counts a finished job, ``p.log(text)`` prints above."""
+
+    def __init__(self, total: int):
+        import time
+
+        self.total, self.done, self.clock, self.t0 = total, 0, time.perf_counter, time.perf_counter()
+
+    def __enter__(self):
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+        except ImportError:
+            self.bar = None
+            return self
+        if not Console(stderr=True).is_terminal:    # a log file: plain lines (``describe``)
+            self.bar = None
+            return self
+        self.bar = Progress(TextColumn("{task.description}", style="bold"), BarColumn(bar_width=24),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=Console(stderr=True, width=WIDTH), transient=False)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+    def describe(self, text: str) -> None:
+        if self.bar is None:
+            print(f"  [{self.clock() - self.t0:5.0f} s, {self.done}/{self.total}] {text}", file=sys.stderr,
+                  flush=True)
+        else:
+            self.bar.update(self.task, description=text[:60])
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def log(self, text: str) -> None:
+        if self.bar is None:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            from rich.markup import escape
+
+            self.bar.console.print(escape(text[:WIDTH * 2]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure
+# ------------------------------------------------------------------------------------------------
+#: colour and marker per provider (lines of the sweep panels)
+PROVIDER_STYLE = {"onepass": ("#1b9e77", "o"), "naive": ("#d95f02", "s"), "torch.compile(naive)": ("#7570b3", "^"),
+                  "trl": ("#e7298a", "v"), "liger-chunked": ("#66a61e", "D"), "liger": ("#1f78b4", "P"),
+                  "cce": ("#a6761d", "X"), "pot": ("#e6ab02", "h"), FLOOR_PROVIDER: ("#666666", "*")}
+#: colour and hatch per (metric, pass) of the bar panels
+BAR_STYLE = {("time", "fwd"): ("#9ecae1", ""), ("time", "fwd+bwd"): ("#3182bd", ""),
+             ("memory", "fwd"): ("#fdae6b", "//"), ("memory", "fwd+bwd"): ("#e6550d", "//")}
+PANELS_PER_ROW = 3
+
+
+def _panels(ok: list) -> list:
+    """(kind, family, rows) per panel: one "bars" panel per family measured at one shape, else a "time" and a
+    "memory" panel against the shapes of its sweep."""
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in ok):
+        mine = [r for r in ok if r["family"] == fam]
+        if len({r["shape"] for r in mine}) == 1:
+            out.append(("bars", fam, mine))
+            continue
+        for variant in dict.fromkeys(r["variant_label"] for r in mine):
+            rows = [r for r in mine if r["variant_label"] == variant]
+            out += [("time", fam, rows), ("memory", fam, rows)]
+    return out
+
+
+def _bars(ax, rows: list) -> None:
+    """Time (median, min-max whiskers) and memory ratio to naive per provider and pass, log scale."""
+    groups = list(dict.fromkeys((r["variant_label"], r["provider"]) for r in rows if r["provider"] != "naive"))
+    series = [k for k in BAR_STYLE if any(r["pass"] == k[1] for r in rows)]
+    width = 0.8 / max(1, len(series))
+    for j, (metric, pass_) in enumerate(series):
+        colour, hatch = BAR_STYLE[(metric, pass_)]
+        for i, (variant, prov) in enumerate(groups):
+            r = next((r for r in rows if r["variant_label"] == variant and r["provider"] == prov
+                      and r["pass"] == pass_), None)
+            if r is None:
+                continue
+            y = r.get("time_ratio") if metric == "time" else r.get("mem_ratio")
+            if y is None or y <= 0:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            err = None
+            if metric == "time":
+                err = [[y - r["time_ratio_min"]], [r["time_ratio_max"] - y]]
+            ax.bar(x, y, width, color=colour, hatch=hatch, edgecolor="black", linewidth=0.4, yerr=err,
+                   error_kw={"elinewidth": 0.8, "capsize": 2})
+            ax.annotate(f"{y:.2g}", (x, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=6.5)
+    ax.axhline(1.0, color="#d95f02", linewidth=1.2, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([(p if p != FLOOR_PROVIDER else "floor (GEMMs)") + (f"\n{v}" if v else "")
+                        for v, p in groups], fontsize=7.5, rotation=0)
+    ax.set_ylabel("÷ naive (lower is better)", fontsize=8)
+    ax.grid(True, axis="y", which="both", alpha=0.25)
+
+
+def _sweep(ax, rows: list, metric: str) -> None:
+    """Time [ms] or peak extra memory [MiB] against the shapes of the sweep: log axes where they span decades."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    dicts = {r["shape"]: r["shape_dict"] for r in rows}
+    varying = [k for k in dicts[shapes[0]] if len({dicts[s][k] for s in shapes}) > 1]
+    numeric = len(varying) == 1
+    for key in dict.fromkeys((r["provider"], r["pass"], r["variant_label"]) for r in rows):
+        prov, pass_, variant = key
+        pts = [r for r in rows if (r["provider"], r["pass"], r["variant_label"]) == key]
+        xs = [r["shape_dict"][varying[0]] if numeric else shapes.index(r["shape"]) for r in pts]
+        ys = [r["median_ms"] if metric == "time" else max(r.get("peak_extra_mib") or 0.0, 1e-2) for r in pts]
+        colour, marker = PROVIDER_STYLE.get(prov, ("black", "o"))
+        ax.plot(xs, ys, "-" if pass_ == "fwd+bwd" else ":", color=colour, marker=marker, markersize=5,
+                linewidth=1.3, markerfacecolor=colour if pass_ == "fwd+bwd" else "white")
+    if numeric:
+        vals = sorted({dicts[s][varying[0]] for s in shapes})
+        if vals[-1] / max(vals[0], 1) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(vals, [f"{v:,}" for v in vals], fontsize=7.5)
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel(varying[0], fontsize=8)
+    else:
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(["\n".join(f"{k}={dicts[s][k]}" for k in varying) for s in shapes], fontsize=7)
+    ys = [r["median_ms"] if metric == "time" else max(r.get("peak_extra_mib") or 0.0, 1e-2) for r in rows]
+    if max(ys) / max(min(ys), 1e-9) >= 10:
+        ax.set_yscale("log")
+    ax.set_ylabel("median time [ms]" if metric == "time" else "peak extra memory [MiB]", fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+
+
 def write_plot(path: str, rows: list, meta: dict) -> bool:
-    """Time and peak extra memory against the vocabulary size, one column per family."""
+    """One panel per family in a grid (≤ 3 per row): a bar chart of time and memory ÷ naive per provider when
+    the family ran at one shape, else time and memory against its sweep; legends below the panels."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
     except ImportError:
+        print("onepass.bench: no plot (matplotlib missing: pip install -e \".[bench]\")", file=sys.stderr)
         return False
-    ok = [r for r in rows if "error" not in r and "V" in r["shape_dict"]]
-    fams = list(dict.fromkeys(r["family"] for r in ok))
-    if not fams:
+    ok = [r for r in rows if "error" not in r and r.get("median_ms") is not None]
+    panels = _panels(ok)
+    if not panels:
         return False
-    fig, axes = plt.subplots(2, len(fams), figsize=(4.2 * len(fams), 7), squeeze=False)
-    for j, fam in enumerate(fams):
-        series = defaultdict(list)
-        for r in ok:
-            if r["family"] != fam:
-                continue
-            other = tuple((k, v) for k, v in r["shape_dict"].items() if k != "V")
-            label = f"{r['provider']} {r['pass']}" + (f" {r['variant_label']}" if r["variant_label"] else "")
-            series[(label, other, r["provider"], r["pass"])].append(
-                (r["shape_dict"]["V"], r["median_ms"], max(r["peak_extra_bytes"] / MiB, 1e-2)))
-        others = sorted({k[1] for k in series})
-        variants = sorted({k[0].split(" ", 2)[2] if k[0].count(" ") >= 2 else "" for k in series})
-        for (label, other, provider, pass_), pts in sorted(series.items()):
-            pts.sort()
-            xs = [p[0] for p in pts]
-            style = "-" if pass_ == "fwd+bwd" else "--"
-            var = label.split(" ", 2)[2] if label.count(" ") >= 2 else ""
-            marker = "osD^v"[variants.index(var) % 5]
-            color = PROVIDER_COLORS.get(provider)
-            lab = label + ("" if len(others) == 1 else " " + " ".join(f"{k}={v}" for k, v in other))
-            for i, y in ((0, [p[1] for p in pts]), (1, [p[2] for p in pts])):
-                axes[i][j].plot(xs, y, style, marker=marker, color=color, label=lab)
-        shape_txt = " ".join(f"{k}={v}" for k, v in others[0]) if len(others) == 1 else ""
-        dtype = next(r["dtype"] for r in ok if r["family"] == fam)
-        axes[0][j].set_title(f"{fam} ({shape_txt}, {dtype})" if shape_txt else f"{fam} ({dtype})", fontsize=9)
-        axes[0][j].set_ylabel("median time [ms]")
-        axes[1][j].set_ylabel("peak extra memory [MiB]")
-        for i in (0, 1):
-            axes[i][j].set_xlabel("vocabulary size V")
-            axes[i][j].set_yscale("log")
-            axes[i][j].grid(True, which="both", alpha=0.3)
-        axes[0][j].legend(fontsize=6)
-    fig.suptitle(f"onepass benchmarks — {meta['device_name']} — {meta['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ncols = min(PANELS_PER_ROW, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.6 * nrows + 1.3), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (kind, fam, mine) in zip(axes.flat, panels):
+        if kind == "bars":
+            _bars(ax, mine)
+        else:
+            _sweep(ax, mine, kind)
+        shape = mine[0]["shape"] if kind == "bars" else ""
+        ax.set_title((mine[0]["op"].split("[")[0] if kind == "bars" else f"{mine[0]['op']} — {kind}")
+                     + f"\n{shape} {mine[0]['dtype']}".rstrip(), fontsize=9)
+        ax.tick_params(labelsize=7.5)
+    handles = []
+    if any(k == "bars" for k, _, _ in panels):
+        handles += [Patch(facecolor=c, hatch=h, edgecolor="black", linewidth=0.4, label=f"{m} ÷ naive, {p}")
+                    for (m, p), (c, h) in BAR_STYLE.items() if any(r["pass"] == p for r in ok)]
+        handles.append(Line2D([], [], color="#d95f02", linestyle="--", label="naive = 1"))
+    if any(k != "bars" for k, _, _ in panels):
+        provs = list(dict.fromkeys(r["provider"] for r in ok))
+        handles += [Line2D([], [], color=PROVIDER_STYLE.get(p, ("black", "o"))[0], marker=PROVIDER_STYLE.get(
+            p, ("black", "o"))[1], linestyle="-", label=p) for p in provs]
+        handles += [Line2D([], [], color="black", linestyle=ls, marker="o", markerfacecolor=fc, label=lab)
+                    for ls, fc, lab in (("-", "black", "fwd+bwd"), (":", "white", "fwd"))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8,
+               handlelength=3.2, frameon=False)
+    fig.suptitle(f"onepass vs naive and peers — {meta['device_name']} — {meta['date'][:10]} "
+                 "(whiskers: min–max over interleaved rounds)", fontsize=10)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
