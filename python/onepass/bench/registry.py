@@ -22,9 +22,9 @@ UPSTREAM_ROWS = 8
 
 CORE_PROVIDERS = ("onepass", "naive")
 #: peers: listed only on a CUDA device and only when importable
-PEER_PROVIDERS = ("torch.compile(naive)", "liger", "cce", "pot")
+PEER_PROVIDERS = ("torch.compile(naive)", "liger", "cce", "pot", "trl")
 #: peers that also run on the CPU (when importable)
-CPU_PEERS = ("pot",)
+CPU_PEERS = ("pot", "trl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +191,7 @@ def peer_status() -> dict:
     cuda = torch.cuda.is_available()
     st = {}
     for peer, module in (("torch.compile(naive)", None), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy"),
-                         ("pot", "ot")):
+                         ("pot", "ot"), ("trl", "trl")):
         if not cuda and peer not in CPU_PEERS:
             st[peer] = (False, "GPU only (no CUDA device)")
             continue
