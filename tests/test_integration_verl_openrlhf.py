@@ -99,12 +99,16 @@ def test_verl_fused_linear_for_ppo(temperature):
     _assert_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _float64_logits(lead, v, scale, seed):
+    """(logits [*lead, V] float64, labels [*lead], one upstream gradient [*lead])."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*lead, v, generator=g, dtype=torch.float64) * scale
+    return logits, torch.randint(0, v, lead, generator=g), [torch.randn(*lead, generator=g, dtype=torch.float64)]
+
+
 def test_verl_logits_functions_float64():
     verl_f = _verl("verl.utils.torch_functional")
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 9, 157, generator=g, dtype=torch.float64) * 3
-    labels = torch.randint(0, 157, (4, 9), generator=g)
-    upstream = [torch.randn(4, 9, dtype=torch.float64)]
+    logits, labels, upstream = _float64_logits((4, 9), 157, 3.0, seed=1)
     for ours, theirs in [(lambda x: onepass_verl.logprobs_from_logits(x, labels),
                           lambda x: verl_f.logprobs_from_logits(x, labels)),
                          (onepass_verl.entropy_from_logits, verl_f.entropy_from_logits)]:
@@ -153,10 +157,7 @@ def test_verl_refusals():
 
 def test_openrlhf_logits_functions_float64():
     utils = _openrlhf("openrlhf.models.utils")
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(3, 8, 211, generator=g, dtype=torch.float64) * 2
-    labels = torch.randint(0, 211, (3, 8), generator=g)
-    upstream = [torch.randn(3, 8, dtype=torch.float64)]
+    logits, labels, upstream = _float64_logits((3, 8), 211, 2.0, seed=2)
     want = _grads(lambda x: utils.log_probs_from_logits(x.clone(), labels, temperature=0.7), [logits], upstream)
     got = _grads(lambda x: onepass_openrlhf.log_probs_from_logits(x, labels, temperature=0.7), [logits], upstream)
     _assert_all_close(got, want, 1e-10, 1e-10)
