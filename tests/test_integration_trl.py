@@ -221,10 +221,11 @@ def test_refusals(model_dirs):
                                          args=trl.SFTConfig(output_dir="/tmp/onepass-test-sft", **COMMON),
                                          train_dataset=Dataset.from_dict({"text": prompts(4, VOCAB)})))
     from peft import LoraConfig, get_peft_model
-    lora_head = get_peft_model(tiny_lm(VOCAB, arch="llama"),
-                               LoraConfig(r=2, target_modules=["lm_head"], task_type="CAUSAL_LM"))
-    with pytest.raises(UnsupportedOption, match="lm_head"):
-        onepass_trl._check_model(lora_head, "model")
+    for head_adapter in ({"target_modules": ["lm_head"]}, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}):
+        peft_model = get_peft_model(tiny_lm(VOCAB, arch="llama"),
+                                    LoraConfig(r=2, task_type="CAUSAL_LM", **head_adapter))
+        with pytest.raises(UnsupportedOption, match="lm_head"):
+            onepass_trl._check_model(peft_model, "model")
 
 
 def test_grpo_peak_memory(tmp_path):

@@ -61,8 +61,9 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = unwrap_peft(model).get_output_embeddings()
     if head is None:
         raise refuse(f"{type(model).__name__} without get_output_embeddings()", "no LM head to fuse")
-    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        raise refuse("PEFT adapter on lm_head", "remove `lm_head` from the adapter's target_modules")
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        raise refuse("PEFT adapter on lm_head",
+                     "remove `lm_head` from the adapter's target_modules / modules_to_save")
     return head.weight, getattr(head, "bias", None)
 
 

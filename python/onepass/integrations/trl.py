@@ -150,9 +150,6 @@ def patch(trainer):
     args = trainer.args
     if getattr(args, "use_weighting", False):
         raise refuse("use_weighting=True", "WPO weights need log Σ p², which the onepass head does not compute")
-    liger_config = getattr(args, "liger_kernel_config", None) or {}
-    if getattr(args, "use_liger_kernel", False) and liger_config.get("fused_linear_cross_entropy"):
-        raise refuse("liger fused_linear_cross_entropy", "it replaces the forward the patch routes through")
     _check_model(trainer.model, "model")
     _check_model(getattr(trainer, "ref_model", None), "ref_model")
     _check_model(getattr(trainer, "teacher_model", None), "teacher_model")
