@@ -1,4 +1,4 @@
-"""Subprocess body of test_integration_trl.test_grpo_peak_memory: one GRPO training step (V = 65,536), prints
+"""Subprocess body of test_integration_trl.test_grpo_peak_memory: one GRPO training step (V = 32,768), prints
 the peak RSS growth during ``trainer.train()`` in MiB.  argv[1]: "onepass" or "trl"; argv[2]: a temp dir."""
 import ctypes
 import gc
@@ -12,7 +12,7 @@ from _tiny_lm import prompts, tiny_lm, word_tokenizer
 
 import onepass.integrations.trl as onepass_trl
 
-VOCAB = 65536
+VOCAB = 32768
 
 
 def status_kib(field):
@@ -28,7 +28,7 @@ def main(provider, tmp):
     path = f"{tmp}/model"
     tiny_lm(VOCAB, arch="llama").save_pretrained(path)
     args = trl.GRPOConfig(output_dir=f"{tmp}/out", per_device_train_batch_size=8, num_generations=8,
-                          max_completion_length=24, max_steps=1, learning_rate=0.1, report_to="none", use_cpu=True,
+                          max_completion_length=16, max_steps=1, learning_rate=0.1, report_to="none", use_cpu=True,
                           seed=0, save_strategy="no", disable_tqdm=True, bf16=False, optim="sgd", beta=0.0)
     trainer = trl.GRPOTrainer(model=path, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
                               args=args, train_dataset=Dataset.from_dict({"prompt": prompts(8, VOCAB, 8)}),
