@@ -14,6 +14,7 @@ package imports Ray (see docs/integrations/verl.md).
 """
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 
 import torch
@@ -107,7 +108,8 @@ def run_model_naive(x):
     return reference.token_logprobs(logits, x["labels"][:, 1:], return_entropy=True)
 
 
-FAMILIES = [
+# Every provider (onepass included) runs inside TRL: without trl installed these families are not listed.
+FAMILIES = [] if importlib.util.find_spec("trl") is None else [
     family("trl_logprobs", op="trl ChunkedLogProbFunction", make_inputs=make_head_inputs,
            providers={"onepass": run_head_onepass, "naive": run_head_naive, "trl": run_head_trl},
            shapes={"cpu": [{"N": 1024, "D": 256, "V": 151936}],
