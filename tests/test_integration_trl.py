@@ -94,17 +94,18 @@ def _grpo(model_dirs, arch="qwen2", peft=False, **config):
     return make
 
 
-GRPO_CASES = [  # (loss_type, beta, extra config); together every loss type, β = 0 and β > 0
-    ("grpo", 0.1, {}),
-    ("bnpo", 0.0, {"top_entropy_quantile": 0.5}),
-    ("dr_grpo", 0.1, {}),
-    ("dapo", 0.0, {"entropy_coef": 0.01}),
-    ("cispo", 0.1, {}),
-    ("sapo", 0.0, {}),
-    ("luspo", 0.1, {"importance_sampling_level": "sequence"}),
-    ("vespo", 0.0, {}),
-    ("grpo", 0.0, {"importance_sampling_level": "sequence"}),  # GSPO
+GRPO_LOSSES = [  # (loss_type, extra config): every loss type of TRL 1.16, each with β = 0 and β = 0.1
+    ("grpo", {}),
+    ("bnpo", {"top_entropy_quantile": 0.5}),
+    ("dr_grpo", {}),
+    ("dapo", {"entropy_coef": 0.01}),
+    ("cispo", {}),
+    ("sapo", {}),
+    ("luspo", {"importance_sampling_level": "sequence"}),
+    ("vespo", {}),
+    ("grpo", {"importance_sampling_level": "sequence"}),  # GSPO
 ]
+GRPO_CASES = [(loss, beta, extra) for loss, extra in GRPO_LOSSES for beta in (0.0, 0.1)]
 
 
 @pytest.mark.parametrize("loss_type,beta,extra", GRPO_CASES,
