@@ -222,7 +222,8 @@ def test_refusals(model_dirs):
                                          args=trl.SFTConfig(output_dir="/tmp/onepass-test-sft", **COMMON),
                                          train_dataset=Dataset.from_dict({"text": prompts(4, VOCAB)})))
     from peft import LoraConfig, get_peft_model
-    for head_adapter in ({"target_modules": ["lm_head"]}, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}):
+    for head_adapter in ({"target_modules": ["lm_head"]},
+                         {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}):
         peft_model = get_peft_model(tiny_lm(VOCAB, arch="llama"),
                                     LoraConfig(r=2, task_type="CAUSAL_LM", **head_adapter))
         with pytest.raises(UnsupportedOption, match="lm_head"):
@@ -232,7 +233,8 @@ def test_refusals(model_dirs):
 def test_grpo_peak_memory(tmp_path):
     """One GRPO step at V = 32,768, where logits dominate (8 sequences × 24 tokens × V × 4 B = 24 MiB per
     [N, V] copy, vs 4 MiB of head weight), each provider in a fresh subprocess: the peak RSS growth is lower
-    with the patch (measured 73 MiB vs 242-309 MiB with TRL's chunked head).  Figures are printed; only the order is asserted."""
+    with the patch (measured 73 MiB vs 242-309 MiB with TRL's chunked head).  Figures are printed; only the
+    order is asserted."""
     import os
     import subprocess
     import sys
