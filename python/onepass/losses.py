@@ -133,6 +133,7 @@ def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix=""):
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
+              ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
               backend="auto"):
     """Fused GRPO / PPO-clip loss from hidden states [B, T, D] and the LM-head weight [V, D].
@@ -141,8 +142,12 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     ``ref_weight``, the reference logp and the exact KL(policy‖reference) from the same sweep); the
     backward recomputes the tiles once.  ``advantages`` is [B] (per sequence) or [B, T]; ``mask`` [B, T];
     ``kl_estimator`` is one of k1, k2, k3, abs (with "+" variants) on sampled tokens, or "full" for the
-    exact full-vocabulary KL (needs the reference as hidden + weight).  Masked positions (mask 0) are
-    excluded; targets there may be anything in [0, V) or −100.
+    exact full-vocabulary KL (needs the reference as hidden + weight).  With "full", ``ref_divergence``
+    names the penalty D(policy, reference), any ``onepass.divergence`` kind with the policy as the
+    student p and the reference as q (reverse_kl KL(p‖q) by default; forward_kl, jsd with
+    ``ref_divergence_beta``, tv, hellinger, chi2, alpha with ``ref_divergence_alpha``), computed in the
+    same sweep as the policy's log-probs.  Masked positions (mask 0) are excluded; targets there may be
+    anything in [0, V) or −100.
 
     Returns (loss scalar fp32, metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
     clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
@@ -159,6 +164,10 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
         raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
     if kl_estimator == "full" and ref_hidden is None:
         raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    if kl_estimator != "full" and ref_divergence != "reverse_kl":
+        raise ValueError(f"ref_divergence={ref_divergence!r} needs kl_estimator='full' (a full-vocabulary "
+                         "penalty); the sampled estimators estimate the reverse KL")
+    div_kind = kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
     if beta != 0.0 and ref_hidden is None and ref_logp is None:
         raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
     T = _validate.check_temperature(temperature)
@@ -170,8 +179,11 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                  entropy_coef=entropy_coef)
     if be in ("cpu", "cuda") and _eager_gradients(hidden, weight, bias):
         return _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, advantages, mask,
-                              old_logp, ref_logp, T, kl_estimator, loss_agg, terms)
-    if ref_hidden is not None:
+                              old_logp, ref_logp, T, kl_estimator, div_kind, loss_agg, terms)
+    if ref_hidden is not None and div_kind[0] != KIND_CODES["reverse_kl"]:
+        logp, ent, ref_lp, kl_full = _policy_ref_divergence(be, hidden, weight, bias, ref_hidden, ref_weight,
+                                                            ref_bias, tk, T, ref_divergence, div_kind)
+    elif ref_hidden is not None:
         stats = linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, tk, bias=bias, ref_bias=ref_bias,
                                         temperature=T, backend=be)
         logp, ent, ref_lp, kl_full = stats["logp"], stats["entropy"], stats["ref_logp"], stats["kl_full"]
@@ -186,6 +198,27 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
         kl = kl_penalty(logp, ref_lp, estimator=kl_estimator)
     return policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=ent, loss_agg=loss_agg,
                        **terms)
+
+
+def _policy_ref_divergence(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, T, kind, div_kind):
+    """(logp, entropy, ref_logp, D(policy, reference)) [B, T] for a non-reverse-KL ``kind`` (code, β, α in
+    ``div_kind``): one sweep over both LM heads on the kernel backends, the reference on "torch"."""
+    code, beta, alpha = div_kind
+    if be == "torch":
+        rh, rw = ref_hidden.detach(), ref_weight.detach()
+        rb = ref_bias.detach() if ref_bias is not None else None
+        logp, ent = ref.linear_token_logprobs(hidden, weight, tk, bias=bias, temperature=T, return_entropy=True)
+        ref_lp = ref.linear_token_logprobs(rh, rw, tk, bias=rb, temperature=T)
+        div = ref.linear_divergence(hidden, weight, rh, rw, student_bias=bias, teacher_bias=rb, kind=kind,
+                                    beta=beta, alpha=alpha, temperature=T, targets=tk)
+        return logp, ent, ref_lp, div
+    detach = lambda x: x.detach().contiguous() if x is not None else None  # noqa: E731
+    stats = _ops.linear_vocab_stats(
+        _public.rows(hidden, hidden.shape[-1]), weight.contiguous(), bias.contiguous() if bias is not None else None,
+        _public.rows(ref_hidden.detach(), ref_hidden.shape[-1]), detach(ref_weight), detach(ref_bias),
+        _public.kernel_targets(tk, tk.shape, weight.shape[0], -100), 1.0 / T, code, beta, alpha, True, be)
+    return tuple(stats[:, c].reshape(tk.shape)
+                 for c in (_ops.STAT_LOGP_A, _ops.STAT_ENTROPY, _ops.STAT_LOGP_B, _ops.STAT_DIV))
 
 
 def _eager_gradients(*tensors) -> bool:
@@ -211,7 +244,7 @@ def _one_pass(be, hidden, weight, bias, hidden_b, weight_b, bias_b, targets, inv
 
 
 def _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tk, advantages, mask, old_logp,
-                   ref_logp, T, kl_estimator, loss_agg, terms):
+                   ref_logp, T, kl_estimator, div_kind, loss_agg, terms):
     """grpo_loss on the chunked backends with forward and backward in the same pass (``_one_pass``)."""
     v = weight.shape[0]
     shape = tk.shape
@@ -233,8 +266,9 @@ def _grpo_one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, t
                                         token_kl(st, s, e), st[:, _ops.STAT_ENTROPY], **terms)
         return (w_tok[s:e] * per_token).sum()
 
+    code, div_beta, div_alpha = div_kind if two else (0, 0.0, 0.0)
     loss, stats = _one_pass(be, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, 1.0 / T,
-                            1 if two else 0, 0.0, 0.0, True, token_loss)
+                            code, div_beta, div_alpha, True, token_loss)
     st = stats.view(*shape, 8)
     kl = None
     if kl_estimator == "full":
