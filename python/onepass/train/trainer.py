@@ -237,6 +237,8 @@ def plot_metrics(metrics_file: Path, out_png: Path) -> None:
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), lw=1.2)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
