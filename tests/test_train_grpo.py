@@ -248,3 +248,42 @@ def test_jsonl_data_with_reward_columns(tiny_dir, tmp_path):
                        "train.max_steps=1")
     run(cfg)
     assert "reward/onepass.train.rewards:exact_match" in _metrics(tmp_path / "out")[0]
+
+
+def test_parquet_data(tiny_dir, tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"{a} + 1 =", "answer": str(a + 1)} for a in range(4)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    cfg = small_config(tiny_dir, tmp_path / "out", "data.task=null", f"data.train_file={tmp_path / 'd.parquet'}",
+                       "train.max_steps=1")
+    trainer = Trainer(cfg)
+    assert trainer.rows == rows
+
+
+@pytest.mark.parametrize("overrides", [["model.dtype=bfloat16"], ["model.gradient_checkpointing=true"],
+                                       ["loss.beta=0.1", "loss.kl_estimator=full", "loss.divergence=chi2",
+                                        "advantage.estimator=rloo", "loss.dual_clip=3.0", "optim.schedule=cosine"]],
+                         ids=["bf16", "grad-ckpt", "chi2-rloo-dual"])
+def test_model_and_loss_options_train(tiny_dir, tmp_path, overrides):
+    cfg = small_config(tiny_dir, tmp_path, "train.max_steps=1", "train.save_steps=5", *overrides)
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    m = trainer.train_step()
+    assert all(v is None or v == v for v in m.values() if not isinstance(v, str)), m  # no NaN
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "no update"
+
+
+def test_reference_soup_is_the_weight_average(tiny_dir, tmp_path):
+    from onepass.train.modeling import load_model, load_reference
+
+    other = tmp_path / "other"
+    m = load_model(tiny_dir, "float32")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    m.save_pretrained(other)
+    soup = load_reference(str(tiny_dir), None, [str(tiny_dir), str(other)], "float32")
+    for (name, p), q in zip(soup.named_parameters(), load_model(tiny_dir, "float32").parameters()):
+        torch.testing.assert_close(p, 2.0 * q, msg=name)
+        assert not p.requires_grad

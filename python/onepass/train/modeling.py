@@ -43,7 +43,8 @@ def load_model(path: str | Path, dtype: str, gradient_checkpointing: bool = Fals
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     check_supported(model)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # transformers renamed it (v5); the old name warns
         model.config.use_cache = False
     return model
 
