@@ -287,3 +287,15 @@ def test_reference_soup_is_the_weight_average(tiny_dir, tmp_path):
     for (name, p), q in zip(soup.named_parameters(), load_model(tiny_dir, "float32").parameters()):
         torch.testing.assert_close(p, 2.0 * q, msg=name)
         assert not p.requires_grad
+
+
+def test_chat_template_is_applied(tiny_dir):
+    from onepass.train.data import prompt_text
+    from onepass.train.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    assert prompt_text({"prompt": "1 + 2 ="}, "prompt", tok, True) == "1 + 2 ="  # no template: as is
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    assert prompt_text({"prompt": "1 + 2"}, "prompt", tok, True) == "1 + 2 ="
+    assert prompt_text({"prompt": "1 + 2 ="}, "prompt", tok, False) == "1 + 2 ="
+    assert prompt_text({"q": [{"role": "user", "content": "3 + 0"}]}, "q", tok, True) == "3 + 0 ="
