@@ -33,13 +33,14 @@ def _metrics(out):
 
 
 def test_grpo_learns_the_arith_task(tmp_path):
-    """Fixed seed: the mean reward of the last 5 steps exceeds that of the first 5 by a clear margin."""
+    """Fixed seed: the mean reward of the last 10 of 30 steps exceeds that of the first 5 by a clear margin
+    (measured here: 0.22 -> 0.81 with seed 0, 0.22 -> 0.68 with seed 1; the reward is in [0, 1.5])."""
     cfg = load_config(str(Path(__file__).parents[1] / "examples" / "grpo_arith_tiny.yaml"),
                       [f"output_dir={tmp_path}", "train.max_steps=30", "train.save_steps=100", "logging.progress=false",
                        "logging.tensorboard=false", "logging.plots=false"])
     run(cfg)
     rewards = [m["reward_mean"] for m in _metrics(tmp_path)]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
     assert last >= first + 0.25, rewards
     assert (tmp_path / "final" / "model.safetensors").exists()
 
