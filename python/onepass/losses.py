@@ -196,6 +196,7 @@ def grpo_token_loss(stats: VocabStats, advantages: Tensor, old_logp=None, ref_lo
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
+              ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
               backend="auto"):
     """Fused GRPO / PPO-clip loss from hidden states [B, T, D] and the LM-head weight [V, D].
@@ -204,8 +205,12 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     ``ref_weight``, the reference logp and the exact KL(policy‖reference) from the same sweep); the
     backward recomputes the tiles once.  ``advantages`` is [B] (per sequence) or [B, T]; ``mask`` [B, T];
     ``kl_estimator`` is one of k1, k2, k3, abs (with "+" variants) on sampled tokens, or "full" for the
-    exact full-vocabulary KL (needs the reference as hidden + weight).  Masked positions (mask 0) are
-    excluded; targets there may be anything in [0, V) or −100.
+    exact full-vocabulary KL (needs the reference as hidden + weight).  With "full", ``ref_divergence``
+    names the penalty D(policy, reference): any ``onepass.divergence`` kind with the policy as the
+    student p and the reference as q (reverse_kl KL(p‖q) by default; forward_kl, jsd with
+    ``ref_divergence_beta``, tv, hellinger, chi2, alpha with ``ref_divergence_alpha``), computed in the
+    same sweep as the policy's log-probs.  Masked positions (mask 0) are excluded; targets there may be
+    anything in [0, V) or −100.
 
     Returns (loss scalar (float32; float64 for float64 inputs), metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
     clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
@@ -226,8 +231,13 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
         raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
     if kl_estimator != "full":
         check_estimator(kl_estimator, "kl_estimator")
+        if ref_divergence != "reverse_kl":
+            raise ValueError(f"ref_divergence={ref_divergence!r} needs kl_estimator='full' (a full-vocabulary "
+                             "penalty); the sampled estimators estimate the reverse KL")
     elif not two:
         raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
+                                 if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
     if beta != 0.0 and not two and ref_logp is None:
         raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
     T = _validate.check_temperature(temperature)
@@ -243,8 +253,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     token_loss = functools.partial(grpo_token_loss, kl_estimator=kl_estimator, reference_in_sweep=two, **terms)
     loss, stats = linear_token_loss(token_loss, w, inputs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                     targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
-                                    kind=Kind.REVERSE_KL if kl_estimator == "full" else Kind.NONE,
-                                    need_entropy=True)
+                                    kind=kind, beta=div_beta, alpha=div_alpha, need_entropy=True)
     with torch.no_grad():
         kl = _token_kl(stats, inputs.get("ref_logp"), kl_estimator, two)
         _, metrics = policy_loss(stats.logp_a, inputs["advantages"], mask=mask, old_logp=inputs.get("old_logp"),

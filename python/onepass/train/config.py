@@ -1,0 +1,204 @@
+"""Typed trainer configuration: dataclasses, loaded from YAML and dotted overrides with OmegaConf.
+
+An unknown key or a value of the wrong type raises ``ConfigError`` naming the full dotted key.  The
+resolved config is written to ``<output_dir>/config.yaml`` by the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration error; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None            # a local Hugging Face model directory (with its tokenizer)
+    init: Optional[str] = None            # "tiny-arith": build the offline tiny model into <output_dir>/init_model
+    dtype: str = "float32"                # float32 | bfloat16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = None      # JSONL, Parquet, or a local `datasets` dataset directory
+    prompt_column: str = "prompt"
+    task: Optional[str] = None            # built-in synthetic task instead of a file: "arith"
+    task_size: int = 512                  # number of synthetic prompts
+    task_max_operand: int = 3             # synthetic operands are in [0, task_max_operand]
+    chat_template: bool = True            # apply the tokenizer's chat template when it has one
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    function: str = "onepass.train.rewards:exact_match"   # "module:function"
+    weight: float = 1.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"                    # hf (HF generate); vllm is not available yet
+    num_generations: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                        # 0: no top-k filtering
+    completions_to_log: int = 2           # sampled completions printed per step
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "grpo"               # grpo | dr_grpo | rloo | reinforce_pp
+    scale: str = "group"                  # group | batch | none (grpo)
+
+
+@dataclass
+class LossConfig:
+    impl: str = "fused"                   # fused (onepass.grpo_loss) | naive (materialized logits)
+    backend: str = "auto"
+    beta: float = 0.0                     # weight of the penalty to the reference
+    kl_estimator: str = "k3"              # k1 | k2 | k3 | abs (+ variants) | full
+    divergence: str = "reverse_kl"        # with kl_estimator=full: any onepass.divergence kind
+    divergence_beta: float = 0.5          # jsd's β
+    divergence_alpha: float = 0.5         # alpha-divergence's α
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2             # clip-higher: epsilon_high > epsilon_low
+    dual_clip: Optional[float] = None
+    loss_agg: str = "token-mean"
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class ReferenceConfig:
+    path: Optional[str] = None            # a checkpoint directory; default: a frozen copy of the initial model
+    soup: List[str] = field(default_factory=list)   # weight-space average of these checkpoints
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    prompts_per_step: int = 8
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0              # sequences per optimizer step; 0: the whole rollout batch
+    micro_batch_size: int = 0             # sequences per forward/backward (gradient accumulation); 0: mini batch
+    max_grad_norm: float = 1.0
+    save_steps: int = 50
+    log_steps: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"            # constant | cosine
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    tensorboard: bool = True              # when tensorboard is installed
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    algorithm: str = "grpo"
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.init": (None, "tiny-arith"),
+    "data.task": (None, "arith"),
+    "rollout.engine": ("hf", "vllm"),
+    "advantage.estimator": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+    "advantage.scale": ("group", "batch", "none"),
+    "loss.impl": ("fused", "naive"),
+    "loss.divergence": ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"),
+    "loss.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "optim.schedule": ("constant", "cosine"),
+}
+POSITIVE = ("rollout.num_generations", "rollout.max_new_tokens", "rollout.temperature", "train.max_steps",
+            "train.prompts_per_step", "train.ppo_epochs", "train.save_steps", "optim.lr", "data.task_size")
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that the types cannot express; each error names its key."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {_get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(cfg, key)!r}")
+    if cfg.model.path is None and cfg.model.init is None:
+        raise ConfigError("model.path is required (or model.init: tiny-arith for the offline tiny model)")
+    if cfg.data.train_file is None and cfg.data.task is None:
+        raise ConfigError("data.train_file is required (or data.task: arith for the built-in synthetic task)")
+    if not cfg.rewards:
+        raise ConfigError("rewards must name at least one reward function")
+    for i, r in enumerate(cfg.rewards):
+        if ":" not in r.function:
+            raise ConfigError(f"rewards[{i}].function must be 'module:function', got {r.function!r}")
+    if cfg.loss.kl_estimator != "full" and cfg.loss.divergence != "reverse_kl":
+        raise ConfigError("loss.divergence applies to loss.kl_estimator: full (the sampled estimators estimate "
+                          f"the reverse KL), got loss.kl_estimator={cfg.loss.kl_estimator!r}")
+    if cfg.loss.kl_estimator == "full" and cfg.loss.beta == 0:
+        raise ConfigError("loss.kl_estimator: full is a penalty to the reference and needs loss.beta != 0")
+    if cfg.loss.beta == 0 and (cfg.reference.path or cfg.reference.soup):
+        raise ConfigError("reference.path / reference.soup given but loss.beta is 0: no penalty would use it")
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("rollout.engine: vllm is not available in this version; use hf")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(f"optim.warmup_steps must be in [0, train.max_steps], got {cfg.optim.warmup_steps}")
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **defaults) -> Config:
+    """Config from the dataclass defaults, ``defaults`` (e.g. algorithm="grpo"), the YAML file at ``path``
+    and dotted ``key=value`` overrides, in that order of precedence (later wins)."""
+    try:
+        schema = OmegaConf.structured(Config)
+        layers = [schema, OmegaConf.create(defaults)]
+        if path is not None:
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from None
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
