@@ -21,13 +21,21 @@ def run_naive(x):
     return reference.token_logprobs(x["logits"], x["targets"], return_entropy=True)
 
 
+TRL_SEQ_LEN = 256
+
+
 def trl_logprobs_entropy(logits, targets):
-    """TRL's one-pass log-softmax gather and entropy (``selective_log_softmax_and_entropy``); ignored
-    positions (-100) are masked rows, as a TRL trainer masks them."""
+    """TRL's log-softmax gather and entropy (``selective_log_softmax_and_entropy``) called as a TRL trainer
+    calls it: logits [B, T, V] of sequences of ``TRL_SEQ_LEN`` tokens (its float32 path loops over the B
+    sequences), ignored positions (-100) as masked rows."""
     from trl.trainer.utils import selective_log_softmax_and_entropy
 
-    keep = targets != -100
-    return selective_log_softmax_and_entropy(logits, targets.clamp_min(0), row_mask=keep)
+    n, v = logits.shape
+    t = TRL_SEQ_LEN if n % TRL_SEQ_LEN == 0 else n
+    keep = (targets != -100).view(-1, t)
+    logp, ent = selective_log_softmax_and_entropy(logits.view(-1, t, v), targets.clamp_min(0).view(-1, t),
+                                                  row_mask=keep)
+    return logp.reshape(n), ent.reshape(n)
 
 
 def run_trl(x):
@@ -57,5 +65,5 @@ FAMILIES = [family(
     order=10,
     grad_inputs=("logits",), floor=floor,
     notes={"liger": "LigerCrossEntropyLoss(reduction='none'): -logp only, no entropy",
-           "trl": "trl selective_log_softmax_and_entropy (logp and entropy, ignored rows masked)"},
+           "trl": "trl selective_log_softmax_and_entropy on [B, 256, V] (logp, entropy; ignored rows masked)"},
 )]

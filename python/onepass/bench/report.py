@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import torch
 
-from .registry import FLOOR_PROVIDER, PEERS, get_family
+from .registry import FLOOR_PROVIDER, get_family
 
 MiB = 2**20
 
@@ -174,8 +174,7 @@ def _mem(x) -> str:
     return f"{x:.3f}" if x < 0.1 else f"{x:.2f}"
 
 
-TABLE_COLUMNS = ("case", "pass", "provider", "ms", "×naive [min–max]", "extra MiB", "mem ×naive", "×floor",
-                 "rounds")
+TABLE_COLUMNS = ("case", "pass", "provider", "ms", "×naive [min–max]", "MiB", "mem×naive", "×floor", "n")
 
 
 def table_rows(rows: list) -> tuple:
@@ -213,12 +212,14 @@ def verdict_table(vds: list) -> tuple:
     """(columns, body) of the verdict table: onepass time ÷ each provider (median, verdict), memory ÷ naive,
     time ÷ floor."""
     others = [p for p in VERDICT_PEERS if any(p in pv["vs"] for v in vds for pv in v["passes"].values())]
-    cols = ["op", "pass", "vs naive", "mem"] + [f"vs {p}" for p in others[1:]] + ["÷floor"]
+    short = {"torch.compile(naive)": "compile"}
+    cols = ["op", "pass", "naive", "mem"] + [short.get(p, p) for p in others[1:]] + ["floor"]
     body = []
     for v in vds:
-        first = True
-        for pass_, pv in v["passes"].items():
-            cells = [v["op"] if first else "", pass_]
+        base, _, variant = v["op"].partition("[")
+        labels = [base] + ([f"[{variant}"] if variant else [])
+        for i, (pass_, pv) in enumerate(v["passes"].items()):
+            cells = [labels[i] if i < len(labels) else "", pass_]
             for p in others:
                 st = pv["vs"].get(p)
                 cells.append("" if st is None else
@@ -227,7 +228,6 @@ def verdict_table(vds: list) -> tuple:
                     cells.append("" if st is None else _mem(st["memory"]))
             cells.append("" if pv["floor"] is None else f"{pv['floor']['median']:.2f}")
             body.append(cells)
-            first = False
     return _drop_empty(cols, body)
 
 
@@ -250,11 +250,13 @@ def notes(rows: list) -> list:
     return out
 
 
-LEGEND = ("ms: median of the interleaved rounds; ×naive: provider time ÷ naive time, median of the per-round "
-          "ratios [min–max]; extra MiB: peak memory of one call above what its inputs held (fresh process); "
+LEGEND = ("ms: median of the n interleaved rounds; ×naive: provider time ÷ naive time, median of the per-round "
+          "ratios [min–max]; MiB: peak memory of one call above what its inputs held (fresh process); mem×naive: "
+          "MiB ÷ naive MiB; "
           "×floor: onepass ÷ its GEMMs alone (torch.mm, same rounds; CPU: fwd 1 GEMM, fwd+bwd 3 per trained "
-          "head, 1 per frozen head). Verdict: onepass ÷ provider; 'faster'/'slower' only when every round agrees, "
-          "else 'unresolved'.")
+          "head, 1 per frozen head). Verdict table: onepass time ÷ each provider's (median of the per-round ratios); "
+          "'faster'/'slower' only when every round agrees, else 'unresolved'; mem: onepass MiB ÷ naive MiB; floor: "
+          "onepass ÷ floor.")
 
 
 def header_lines(meta: dict) -> list:
@@ -291,7 +293,7 @@ def print_table(rows: list, vds: list, meta: dict) -> None:
     cells, starts = table_rows(rows)
     cols, body = _drop_empty(list(TABLE_COLUMNS), cells)
     vcols, vbody = verdict_table(vds)
-    vstarts = [bool(row[0]) for row in vbody]
+    vstarts = [bool(row[0]) and not row[0].startswith("[") for row in vbody]
     foot = [line for n in notes(rows) for line in _wrap("- " + n, "  ")] + _wrap(LEGEND)
     try:
         from rich import box
@@ -311,12 +313,12 @@ def print_table(rows: list, vds: list, meta: dict) -> None:
     for line in header_lines(meta):
         console.print(escape(line))
     for title, c, b, st in (("results", cols, body, starts),
-                            ("verdict: onepass ÷ each provider", vcols, vbody, vstarts)):
+                            ("verdict: onepass time ÷ each provider's", vcols, vbody, vstarts)):
         table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
         for name in c:
             left = name in ("case", "op", "pass", "provider")
             table.add_column(name, justify="left" if left else "right", overflow="fold",
-                             max_width=30 if name in ("case", "op") else None)
+                             no_wrap=name not in ("case", "op"), max_width=23 if name == "case" else None)
         for i, row in enumerate(b):
             if st[i] and i:
                 table.add_section()
@@ -451,15 +453,28 @@ def _bars(ax, rows: list) -> None:
                 err = [[y - r["time_ratio_min"]], [r["time_ratio_max"] - y]]
             ax.bar(x, y, width, color=colour, hatch=hatch, edgecolor="black", linewidth=0.4, yerr=err,
                    error_kw={"elinewidth": 0.8, "capsize": 2})
-            ax.annotate(f"{y:.2g}", (x, y), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=6.5)
+            top = r["time_ratio_max"] if metric == "time" else y          # above the whisker
+            ax.annotate(f"{y:.2g}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=6.5)
     ax.axhline(1.0, color="#d95f02", linewidth=1.2, linestyle="--")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([(p if p != FLOOR_PROVIDER else "floor (GEMMs)") + (f"\n{v}" if v else "")
                         for v, p in groups], fontsize=7.5, rotation=0)
     ax.set_ylabel("÷ naive (lower is better)", fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.25)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Tick labels of a log y axis as plain numbers (0.5, 2, 1e-05), minor ones too within one decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = ax.get_ylim()
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=6.5)
 
 
 def _sweep(ax, rows: list, metric: str) -> None:
@@ -489,6 +504,7 @@ def _sweep(ax, rows: list, metric: str) -> None:
     ys = [r["median_ms"] if metric == "time" else max(r.get("peak_extra_mib") or 0.0, 1e-2) for r in rows]
     if max(ys) / max(min(ys), 1e-9) >= 10:
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
     ax.set_ylabel("median time [ms]" if metric == "time" else "peak extra memory [MiB]", fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
 
