@@ -1,0 +1,293 @@
+"""Vocabulary-parallel ops (onepass.distributed) on 2 gloo processes against the single-process ops.
+
+Every check runs inside ONE spawn of 2 ranks (spawning costs seconds): each rank holds its shard of the
+LM head(s), computes the vocab-parallel op and a loss with random coefficients, and compares values and
+gradients (hidden, its weight shard, its bias shard) with the single-process op on the full head, in fp32:
+|x − ref| ≤ ATOL + RTOL·|ref|.  Rank 0 writes the max abs / rel errors per case to a JSON file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import onepass
+from onepass import distributed as opd
+
+WORLD = 2
+ATOL, RTOL = 2e-5, 2e-5
+SPAWN_TIMEOUT_S = 150.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, check, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        CHECKS[check](rank, world, Path(out_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(check: str, out_dir: Path) -> None:
+    """Run CHECKS[check] on WORLD gloo ranks; a rank's exception is re-raised here; no hang past the timeout."""
+    ctx = mp.start_processes(_entry, args=(WORLD, _free_port(), check, str(out_dir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{check}: the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks run on every rank.
+# ------------------------------------------------------------------------------------------------
+class _Errors:
+    """Compares and records the max abs / rel error per case."""
+
+    def __init__(self):
+        self.table = {}
+
+    def __call__(self, case, got, ref):
+        got, ref = got.detach().double(), ref.detach().double()
+        assert got.shape == ref.shape, f"{case}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        err = (got - ref).abs()
+        bad = err > ATOL + RTOL * ref.abs()
+        assert not bad.any(), f"{case}: max abs error {err.max().item():.3e} above {ATOL} + {RTOL}·|ref|"
+        rel = (err / ref.abs().clamp_min(1e-6)).max().item()
+        old = self.table.get(case, (0.0, 0.0))
+        self.table[case] = (max(old[0], err.max().item()), max(old[1], rel))
+
+
+def _split(v, rank, world):
+    """Default layout: ceil(V/world) rows per rank, the last rank the remainder."""
+    size = -(-v // world)
+    start = rank * size
+    return start, min(v, start + size) - start
+
+
+def _shard(full, start, size):
+    return full.detach()[start:start + size].clone().requires_grad_(full.requires_grad)
+
+
+def _leaf(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).requires_grad_()
+
+
+def _targets(shape, v, ignore=True):
+    """Random global ids with the first and the last id (owned by different ranks in any layout), and one
+    ignore_index at flat position 2."""
+    t = torch.randint(0, v, shape)
+    flat = t.view(-1)
+    flat[0], flat[1] = 0, v - 1
+    if ignore:
+        flat[2] = -100
+    return t
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def _compare_grads(errs, case, dist_grads, full_grads, shard_slices):
+    """full_grads sliced to this rank's rows where shard_slices says so (None: compare whole)."""
+    for i, (g, gf, sl) in enumerate(zip(dist_grads, full_grads, shard_slices)):
+        errs(f"{case} grad[{i}]", g, gf if sl is None else gf[sl[0]:sl[0] + sl[1]])
+
+
+def _check_token_logprobs(rank, world, errs):
+    for v, explicit in ((37, False), (40, True)):
+        torch.manual_seed(v)
+        d, lead = 16, (3, 5)
+        h, w, bias = _leaf(*lead, d), _leaf(v, d, scale=0.5), _leaf(v)
+        start, size = _split(v, rank, world)
+        if explicit:  # rank order swapped: rank 0 holds the upper rows
+            start = (world - 1 - rank) * (v // world)
+            size = v // world
+        y = _targets(lead, v)
+        coef_lp, coef_ent = torch.randn(lead), torch.randn(lead)
+        T = 0.7 if explicit else 1.0
+        ws, bs = _shard(w, start, size), _shard(bias, start, size)
+        use_bias = not explicit
+        lp, ent = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
+                                            return_entropy=True, vocab_start=start if explicit else None)
+        lp_ref, ent_ref = onepass.linear_token_logprobs(h, w, y, bias=bias if use_bias else None, temperature=T,
+                                                        return_entropy=True)
+        case = f"linear_token_logprobs V={v}" + (" swapped shards T=0.7" if explicit else " bias")
+        errs(f"{case} logp", lp, lp_ref)
+        errs(f"{case} entropy", ent, ent_ref)
+        assert (lp[0, 2] == 0) and (ent[0, 2] == 0), "ignore_index rows must be 0"
+        inputs = [h, ws] + ([bs] if use_bias else [])
+        full = [h, w] + ([bias] if use_bias else [])
+        g = _grads((coef_lp * lp).sum() + (coef_ent * ent).sum(), inputs)
+        gf = _grads((coef_lp * lp_ref).sum() + (coef_ent * ent_ref).sum(), full)
+        _compare_grads(errs, case, g, gf, [None] + [(start, size)] * (len(inputs) - 1))
+        logp_only = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
+                                              vocab_start=start if explicit else None)
+        errs(f"{case} logp", logp_only, lp_ref)
+
+
+def _check_policy_ref(rank, world, errs):
+    torch.manual_seed(1)
+    v, d, dr, lead = 37, 16, 12, (4, 3)
+    h, w, bias = _leaf(*lead, d), _leaf(v, d, scale=0.5), _leaf(v)
+    rh, rw, rb = torch.randn(*lead, dr), torch.randn(v, dr) * 0.5, torch.randn(v)
+    start, size = _split(v, rank, world)
+    y = _targets(lead, v)
+    ws, bs = _shard(w, start, size), _shard(bias, start, size)
+    out = opd.linear_policy_ref_stats(h, ws, rh, rw[start:start + size], y, bias=bs, ref_bias=rb[start:start + size],
+                                      temperature=0.8)
+    ref = onepass.linear_policy_ref_stats(h, w, rh, rw, y, bias=bias, ref_bias=rb, temperature=0.8)
+    coef = {k: torch.randn(lead) for k in ref}
+    for k in ref:
+        errs(f"linear_policy_ref_stats {k}", out[k], ref[k])
+    g = _grads(sum((coef[k] * out[k]).sum() for k in out), [h, ws, bs])
+    gf = _grads(sum((coef[k] * ref[k]).sum() for k in ref), [h, w, bias])
+    _compare_grads(errs, "linear_policy_ref_stats", g, gf, [None, (start, size), (start, size)])
+
+
+def _check_divergence(rank, world, errs):
+    torch.manual_seed(2)
+    v, ds, dt, lead = 37, 16, 12, (2, 7)
+    start, size = _split(v, rank, world)
+    for kind in ("reverse_kl", "forward_kl"):
+        sh, sw, sb = _leaf(*lead, ds), _leaf(v, ds, scale=0.5), _leaf(v)
+        th, tw = _leaf(*lead, dt), _leaf(v, dt, scale=0.5)
+        y = _targets(lead, v)
+        sws, sbs, tws = _shard(sw, start, size), _shard(sb, start, size), _shard(tw, start, size)
+        out = opd.linear_divergence(sh, sws, th, tws, student_bias=sbs, kind=kind, temperature=1.3, targets=y)
+        ref = onepass.linear_divergence(sh, sw, th, tw, student_bias=sb, kind=kind, temperature=1.3, targets=y)
+        errs(f"linear_divergence {kind}", out, ref)
+        coef = torch.randn(lead)
+        g = _grads((coef * out).sum(), [sh, sws, sbs, th, tws])
+        gf = _grads((coef * ref).sum(), [sh, sw, sb, th, tw])
+        sl = (start, size)
+        _compare_grads(errs, f"linear_divergence {kind}", g, gf, [None, sl, sl, None, sl])
+    with pytest.raises(ValueError, match="second vocabulary sweep"):
+        opd.linear_divergence(sh, sws, th, tws, kind="jsd", beta=0.5)
+
+
+def _loss_inputs(seed, v, rank, world, d=16):
+    torch.manual_seed(seed)
+    b, t = 3, 5
+    h, w, bias = _leaf(b, t, d), _leaf(v, d, scale=0.5), _leaf(v)
+    start, size = _split(v, rank, world)
+    y = _targets((b, t), v, ignore=False)
+    mask = torch.ones(b, t)
+    mask[0, 3:] = 0
+    mask[2, 0] = 0
+    return h, w, bias, y, mask, start, size
+
+
+def _compare_loss(errs, case, out, ref, dist_inputs, full_inputs, slices):
+    (loss, metrics), (loss_ref, metrics_ref) = out, ref
+    errs(f"{case} loss", loss, loss_ref)
+    assert metrics.keys() == metrics_ref.keys(), f"{case}: metrics {sorted(metrics)} != {sorted(metrics_ref)}"
+    for k in metrics:
+        errs(f"{case} metrics", metrics[k], metrics_ref[k])
+    _compare_grads(errs, case, _grads(loss, dist_inputs), _grads(loss_ref, full_inputs), slices)
+
+
+def _check_grpo(rank, world, errs):
+    v = 37
+    h, w, bias, y, mask, start, size = _loss_inputs(3, v, rank, world)
+    rh, rw = torch.randn(3, 5, 12), torch.randn(v, 12) * 0.5
+    ws, bs = _shard(w, start, size), _shard(bias, start, size)
+    sl = (start, size)
+    adv, old = torch.randn(3), torch.randn(3, 5) * 0.3 - 2.0
+    kw = dict(mask=mask, old_logp=old, beta=0.1, kl_estimator="full", entropy_coef=0.01, temperature=0.9)
+    out = opd.grpo_loss(h, ws, y, adv, bias=bs, ref_hidden=rh, ref_weight=rw[start:start + size], **kw)
+    ref = onepass.grpo_loss(h, w, y, adv, bias=bias, ref_hidden=rh, ref_weight=rw, **kw)
+    _compare_loss(errs, "grpo_loss ref head, kl full", out, ref, [h, ws, bs], [h, w, bias], [None, sl, sl])
+    adv_tok, ref_lp = torch.randn(3, 5), torch.randn(3, 5) * 0.3 - 2.0
+    kw = dict(mask=mask, ref_logp=ref_lp, beta=0.05, kl_estimator="k3", loss_agg="seq-mean-token-mean",
+              dual_clip=3.0)
+    out = opd.grpo_loss(h, ws, y, adv_tok, **kw)
+    ref = onepass.grpo_loss(h, w, y, adv_tok, **kw)
+    _compare_loss(errs, "grpo_loss ref_logp, k3", out, ref, [h, ws], [h, w], [None, sl])
+
+
+def _check_opd(rank, world, errs):
+    v = 37
+    h, w, bias, y, mask, start, size = _loss_inputs(4, v, rank, world)
+    th, tw = torch.randn(3, 5, 12), torch.randn(v, 12) * 0.5
+    ws, bs, tws = _shard(w, start, size), _shard(bias, start, size), tw[start:start + size]
+    sl = (start, size)
+    cases = [dict(divergence="reverse_kl"), dict(divergence="forward_kl", temperature=0.8, loss_agg="seq-mean-token-sum"),
+             dict(divergence="sampled_reverse_kl", reward_scale=1.5, ref_logp=torch.randn(3, 5) - 2.0)]
+    for kw in cases:
+        out = opd.opd_loss(h, ws, th, tws, y, mask=mask, student_bias=bs, **kw)
+        ref = onepass.opd_loss(h, w, th, tw, y, mask=mask, student_bias=bias, **kw)
+        _compare_loss(errs, f"opd_loss {kw['divergence']}", out, ref, [h, ws, bs], [h, w, bias], [None, sl, sl])
+
+
+def _check_bad_input(rank, world, errs):
+    h, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="do not tile"):
+        opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), vocab_start=0)
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        opd.linear_token_logprobs(h, w, torch.full((4,), 10))
+    with pytest.raises(ValueError, match="vocab_start must be given on every rank"):
+        opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), vocab_start=5 if rank == 1 else None)
+    with pytest.raises(ValueError, match="temperature"):
+        opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), temperature=0.0)
+
+
+def check_ops(rank, world, out_dir):
+    errs = _Errors()
+    for check in (_check_token_logprobs, _check_policy_ref, _check_divergence, _check_grpo, _check_opd,
+                  _check_bad_input):
+        check(rank, world, errs)
+    if rank == 0:
+        (out_dir / "errors.json").write_text(json.dumps(errs.table, indent=1))
+
+
+def fail_mid_step(rank, world, out_dir):
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8)
+    if rank == 1:
+        raise RuntimeError("rank 1 failed mid-step")
+    logp = opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64))  # blocks in a collective
+    logp.sum().backward()
+
+
+CHECKS = {"check_ops": check_ops, "fail_mid_step": fail_mid_step}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests.
+# ------------------------------------------------------------------------------------------------
+def test_vocab_parallel_ops_match_single_process(tmp_path):
+    _spawn("check_ops", tmp_path)
+    table = json.loads((tmp_path / "errors.json").read_text())
+    assert len(table) >= 40, f"only {len(table)} cases recorded"
+    worst = max(table.items(), key=lambda kv: kv[1][0])
+    print(f"\n{len(table)} cases; worst abs error {worst[1][0]:.2e} ({worst[0]})")
+
+
+def test_rank_failure_ends_the_job(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed mid-step"):
+        _spawn("fail_mid_step", tmp_path)
+    assert time.monotonic() - t0 < SPAWN_TIMEOUT_S
+
+
+def test_needs_initialized_process_group():
+    h, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        opd.linear_token_logprobs(h, w, torch.zeros(2, dtype=torch.int64))
