@@ -249,10 +249,65 @@ def _check_bad_input(rank, world, errs):
         opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), temperature=0.0)
 
 
+class _TinyPolicy(torch.nn.Module):
+    """Embedding -> tanh(Linear) -> a fused loss on the LM head (``HeadLoss``)."""
+
+    def __init__(self, vocab, dim, loss_fn, bias_keyword):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Linear(dim, dim)
+        self.loss = opd.HeadLoss(torch.nn.Linear(dim, vocab), loss_fn, bias_keyword)
+
+    def forward(self, ids, *args, **kwargs):
+        return self.loss(torch.tanh(self.body(self.embed(ids))), *args, **kwargs)
+
+
+def _check_fsdp2(rank, world, errs):
+    """FSDP2 with HeadLoss: the 2 ranks each take half of the sequences; loss "seq-mean-token-mean" over
+    equal halves, so the rank-mean loss and FSDP2's rank-averaged gradients equal the 1-process ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    v, d, b, t = 23, 8, 4, 6
+    torch.manual_seed(5)
+    ids, targets = torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
+    mask = (torch.rand(b, t) > 0.3).float()
+    mask[:, 0] = 1
+    teacher_h, teacher_w = torch.randn(b, t, 5), torch.randn(v, 5)
+    adv = torch.randn(b)
+    cases = {
+        "grpo_loss": (onepass.grpo_loss, "bias", lambda rows: (targets[rows], adv[rows]),
+                      dict(entropy_coef=0.01, temperature=0.9)),
+        "opd_loss": (onepass.opd_loss, "student_bias", lambda rows: (teacher_h[rows], teacher_w, targets[rows]),
+                     dict(divergence="forward_kl")),
+    }
+    mine = slice(rank * b // world, (rank + 1) * b // world)
+    for name, (loss_fn, bias_kw, args, kw) in cases.items():
+        torch.manual_seed(6)
+        model = _TinyPolicy(v, d, loss_fn, bias_kw)
+        full = _TinyPolicy(v, d, loss_fn, bias_kw)
+        full.load_state_dict(model.state_dict())
+        loss_ref, _ = full(ids, *args(slice(None)), mask=mask, loss_agg="seq-mean-token-mean", **kw)
+        loss_ref.backward()
+        fully_shard(model.loss, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert model.loss.head.weight.to_local().shape[0] < v, "the head weight must be sharded"
+        loss, _ = model(ids[mine], *args(mine), mask=mask[mine], loss_agg="seq-mean-token-mean", **kw)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        errs(f"FSDP2 HeadLoss {name} loss (rank mean)", mean_loss / world, loss_ref)
+        ref_grads = dict(full.named_parameters())
+        for pname, p in model.named_parameters():
+            assert ref_grads[pname].grad.abs().max() > 100 * ATOL, f"{pname}: gradient too small to test"
+            errs(f"FSDP2 HeadLoss {name} grads", p.grad.full_tensor(), ref_grads[pname].grad)
+
+
 def check_ops(rank, world, out_dir):
     errs = _Errors()
     for check in (_check_token_logprobs, _check_policy_ref, _check_divergence, _check_grpo, _check_opd,
-                  _check_bad_input):
+                  _check_bad_input, _check_fsdp2):
         check(rank, world, errs)
     if rank == 0:
         (out_dir / "errors.json").write_text(json.dumps(errs.table, indent=1))

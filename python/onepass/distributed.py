@@ -39,7 +39,13 @@ Communication per row (fp32, payload of the collectives; a ring all-reduce moves
 forward 4 bytes per MAX column (1 for one model, 2 for two) + 4 bytes per SUM column:
 linear_token_logprobs 4 + 8 (12 with entropy), linear_divergence 8 + 12, linear_policy_ref_stats and
 grpo_loss with a reference head 8 + 24, grpo_loss without 4 + 12, opd_loss 8 + 20 (sampled: 8 + 16);
-backward 4·D bytes (the dH all-reduce, in the hidden dtype's size) per model that needs dH.
+backward D × (bytes of the hidden dtype) per model whose hidden states need a gradient (the dH
+all-reduce: 4·D for fp32), nothing else.  Per call, not per row: an all-gather of 2 int64 per rank.
+
+FSDP2 (``HeadLoss``): under ``fully_shard`` an LM-head weight is a sharded DTensor except inside the
+forward (and backward) of the module FSDP2 wraps it in; ``HeadLoss`` runs a single-device fused loss in
+its own forward, so wrapping it with ``fully_shard`` hands the loss the unsharded weight and FSDP2
+reduce-scatters the weight's gradient to the shards as for any layer.
 """
 from __future__ import annotations
 
@@ -361,6 +367,35 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     return policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=entropy, beta=beta,
                        epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip, loss_agg=loss_agg,
                        entropy_coef=entropy_coef)
+
+
+class HeadLoss(torch.nn.Module):
+    """A fused loss on an LM head, computed inside this module's forward.
+
+    ``forward(hidden, *args, **kwargs)`` returns ``loss_fn(hidden, head.weight, *args, **kwargs)``, with
+    ``head.bias`` (when the head has one) passed as the keyword ``bias_keyword``.  ``loss_fn`` is any
+    onepass op taking (hidden, weight, ...): ``onepass.grpo_loss`` (bias keyword ``bias``),
+    ``onepass.opd_loss`` (``student_bias``), ``onepass.linear_token_logprobs``.
+
+    With FSDP2, ``fully_shard(head_loss)`` (before ``fully_shard`` of the model around it) makes the head's
+    parameters their own FSDP group: all-gathered for this forward and its backward, so the loss sees the
+    full [V, D] weight, and the gradient is reduce-scattered to the sharded parameters.  A head tied to the
+    input embedding must stay in the embedding's FSDP group: then compute the loss inside the forward of
+    the module that owns both.  Without FSDP it is a plain module around the op.
+    """
+
+    def __init__(self, head: torch.nn.Linear, loss_fn, bias_keyword: str = "bias"):
+        super().__init__()
+        if not isinstance(head, torch.nn.Linear):
+            raise TypeError(f"head must be a torch.nn.Linear (the LM head), got {type(head).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.head, self.loss_fn, self.bias_keyword = head, loss_fn, bias_keyword
+
+    def forward(self, hidden, *args, **kwargs):
+        if self.head.bias is not None:
+            kwargs[self.bias_keyword] = self.head.bias
+        return self.loss_fn(hidden, self.head.weight, *args, **kwargs)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
