@@ -304,10 +304,53 @@ def _check_fsdp2(rank, world, errs):
             errs(f"FSDP2 HeadLoss {name} grads", p.grad.full_tensor(), ref_grads[pname].grad)
 
 
+class _CountCollectives:
+    """Records (collective, op, shape) of every all_reduce / all_gather while active."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.mp = [], monkeypatch
+
+    def __enter__(self):
+        real_reduce, real_gather = dist.all_reduce, dist.all_gather
+
+        def all_reduce(t, op=dist.ReduceOp.SUM, **kw):
+            self.calls.append(("all_reduce", str(op).rsplit(".", 1)[-1], tuple(t.shape), t.dtype))
+            return real_reduce(t, op=op, **kw)
+
+        def all_gather(out, t, **kw):
+            self.calls.append(("all_gather", None, tuple(t.shape), t.dtype))
+            return real_gather(out, t, **kw)
+
+        self.mp.setattr(dist, "all_reduce", all_reduce)
+        self.mp.setattr(dist, "all_gather", all_gather)
+        return self
+
+    def __exit__(self, *exc):
+        self.mp.undo()
+
+
+def _check_communication(rank, world, errs):
+    """The per-row traffic stated in the module docstring: linear_policy_ref_stats forward = one MAX of
+    [N, 2] + one SUM of [N, 6] fp32 (+ the 2-int64 shard gather); backward = one SUM of dH [N, D]."""
+    n, d, v = 6, 16, 9
+    start, size = _split(v, rank, world)
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(size, d, requires_grad=True)
+    with pytest.MonkeyPatch.context() as mp_, _CountCollectives(mp_) as fwd:
+        out = opd.linear_policy_ref_stats(h, w, torch.randn(n, 4), torch.randn(size, 4),
+                                          torch.randint(0, v, (n,)))
+    assert fwd.calls == [("all_gather", None, (2,), torch.int64),
+                         ("all_reduce", "MAX", (n, 2), torch.float32),
+                         ("all_reduce", "SUM", (n, 6), torch.float32)], fwd.calls
+    with pytest.MonkeyPatch.context() as mp_, _CountCollectives(mp_) as bwd:
+        sum(x.sum() for x in out.values()).backward()
+    assert bwd.calls == [("all_reduce", "SUM", (n, d), torch.float32)], bwd.calls
+
+
 def check_ops(rank, world, out_dir):
     errs = _Errors()
     for check in (_check_token_logprobs, _check_policy_ref, _check_divergence, _check_grpo, _check_opd,
-                  _check_bad_input, _check_fsdp2):
+                  _check_bad_input, _check_communication, _check_fsdp2):
         check(rank, world, errs)
     if rank == 0:
         (out_dir / "errors.json").write_text(json.dumps(errs.table, indent=1))
