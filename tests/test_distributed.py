@@ -125,8 +125,10 @@ def _check_token_logprobs(rank, world, errs):
         T = 0.7 if explicit else 1.0
         ws, bs = _shard(w, start, size), _shard(bias, start, size)
         use_bias = not explicit
+        group = dist.new_group(list(range(world))) if explicit else None  # an explicit group, same ranks
         lp, ent = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
-                                            return_entropy=True, vocab_start=start if explicit else None)
+                                            return_entropy=True, vocab_start=start if explicit else None,
+                                            group=group)
         lp_ref, ent_ref = onepass.linear_token_logprobs(h, w, y, bias=bias if use_bias else None, temperature=T,
                                                         return_entropy=True)
         case = f"linear_token_logprobs V={v}" + (" swapped shards T=0.7" if explicit else " bias")
@@ -241,8 +243,9 @@ def _check_bad_input(rank, world, errs):
     h, w = torch.randn(4, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match="do not tile"):
         opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), vocab_start=0)
-    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-        opd.linear_token_logprobs(h, w, torch.full((4,), 10))
+    for bad in (10, -5):
+        with pytest.raises(ValueError, match=rf"value {bad} .* outside \[0, 10\)"):
+            opd.linear_token_logprobs(h, w, torch.full((4,), bad))
     with pytest.raises(ValueError, match="vocab_start must be given on every rank"):
         opd.linear_token_logprobs(h, w, torch.zeros(4, dtype=torch.int64), vocab_start=5 if rank == 1 else None)
     with pytest.raises(ValueError, match="temperature"):

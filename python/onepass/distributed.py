@@ -56,7 +56,8 @@ from torch import Tensor
 from . import _ops, _public, _validate
 from .divergence import KIND_CODES, kernel_kind
 from .kl import kl_penalty
-from .losses import OPD_SAMPLED, _check_loss_inputs, _check_token_tensor, aggregation_weights, policy_loss
+from .losses import (OPD_SAMPLED, _check_loss_inputs, _check_token_tensor, aggregation_weights, check_grpo_inputs,
+                     policy_loss)
 
 _KL_KINDS = (KIND_CODES["reverse_kl"], KIND_CODES["forward_kl"])
 #: Backends of the single-device op each rank runs on its shard (the torch reference has no shard op).
@@ -196,21 +197,16 @@ class _Head:
         return z * inv_temp
 
 
-def _vocab_parallel_stats(a: _Head, b: _Head | None, global_targets, inv_temp, kind, need_logp, need_entropy,
-                          backend, group, vocab_start):
-    """Global per-row stats [N] (dict: logp_a, logp_b, entropy, div as requested) from the shards.
-    Rows with an ignored target are 0 (and get no gradient)."""
+def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, inv_temp, kind, need_logp,
+                          need_entropy, backend, group, vocab_start):
+    """Global per-row stats [N] (dict: logp_a, logp_b, entropy, div as requested) from the shards, for
+    ``targets`` [lead] global ids (or None).  Rows with an ignored target are 0 (and get no gradient)."""
     n, v_shard = a.h.shape[0], a.w.shape[0]
     if b is not None and b.w.shape[0] != v_shard:
         raise ValueError(f"the second head's shard has {b.w.shape[0]} rows but the first's has {v_shard}: both "
                          "heads must be sharded alike")
     start, vocab = _shard_range(v_shard, vocab_start, a.h.device, group)
-    if global_targets is not None:
-        bad = (global_targets >= vocab).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(f"targets has value {int(global_targets[i])} at flat position {i}, outside [0, {vocab}) "
-                             "(V = the sum of the shards) and not ignore_index")
+    global_targets = _public.kernel_targets(targets, lead, vocab, ignore_index)
     local_t, owned, valid = _local_targets(global_targets, n, start, v_shard, a.h.device)
     st = _shard_stats(a.h, a.w, a.bias, b.h if b else None, b.w if b else None, b.bias if b else None, local_t,
                       inv_temp, kind, need_entropy, backend)
@@ -252,13 +248,6 @@ def _prepare(op, backend, hidden, group, temperature):
     return group, 1.0 / T, _public.pick_backend(backend, hidden, f"distributed.{op}", SHARD_BACKENDS)
 
 
-def _global_targets(targets, lead, ignore_index):
-    """Kernel-form global targets [N] (−1 = ignored); the range check against V follows the shard gather."""
-    if targets is None:
-        return None
-    return _validate.check_targets(targets, lead, torch.iinfo(torch.int64).max, ignore_index)
-
-
 def _check_pair(a_hidden, a_weight, a_bias, b_hidden, b_weight, b_bias, b_prefix, a_prefix=""):
     _public.check_linear(a_prefix, a_hidden, a_weight, a_bias)
     _public.check_linear(b_prefix, b_hidden, b_weight, b_bias)
@@ -283,7 +272,7 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     group, inv_temp, be = _prepare("linear_token_logprobs", backend, hidden, group, temperature)
     lead = hidden.shape[:-1]
-    out = _vocab_parallel_stats(_Head(hidden, weight, bias, group), None, _global_targets(targets, lead, ignore_index),
+    out = _vocab_parallel_stats(_Head(hidden, weight, bias, group), None, targets, lead, ignore_index,
                                 inv_temp, 0, True, bool(return_entropy), be, group, vocab_start)
     logp = out["logp_a"].reshape(lead)
     return (logp, out["entropy"].reshape(lead)) if return_entropy else logp
@@ -298,7 +287,7 @@ def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, 
     lead = hidden.shape[:-1]
     out = _vocab_parallel_stats(_Head(hidden, weight, bias, group), _Head(ref_hidden, ref_weight, ref_bias, group,
                                                                           detach=True),
-                                _global_targets(targets, lead, ignore_index), inv_temp, KIND_CODES["reverse_kl"],
+                                targets, lead, ignore_index, inv_temp, KIND_CODES["reverse_kl"],
                                 True, True, be, group, vocab_start)
     names = {"logp": "logp_a", "ref_logp": "logp_b", "entropy": "entropy", "kl_full": "div"}
     return {k: out[c].reshape(lead) for k, c in names.items()}
@@ -325,7 +314,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     lead = student_hidden.shape[:-1]
     out = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                 _Head(teacher_hidden, teacher_weight, teacher_bias, group),
-                                _global_targets(targets, lead, ignore_index), inv_temp, code, False, False, be, group,
+                                targets, lead, ignore_index, inv_temp, code, False, False, be, group,
                                 vocab_start)
     return out["div"].reshape(lead)
 
@@ -336,20 +325,8 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
               backend="auto", group=None, vocab_start=None):
     """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: the distributed
     stats, then ``kl_penalty`` and ``policy_loss`` (replicated on every rank).  Returns (loss, metrics)."""
-    _check_loss_inputs(hidden, weight, targets, mask, bias)
-    b_, t_ = targets.shape
-    if advantages.shape not in ((b_,), (b_, t_)):
-        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
-    _check_token_tensor("old_logp", old_logp, targets.shape)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
-    if (ref_hidden is None) != (ref_weight is None):
-        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
-    if ref_hidden is not None and ref_logp is not None:
-        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
-    if kl_estimator == "full" and ref_hidden is None:
-        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
-    if beta != 0.0 and ref_hidden is None and ref_logp is None:
-        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+    check_grpo_inputs(hidden, weight, targets, advantages, mask, bias, old_logp, ref_logp, ref_hidden, ref_weight,
+                      kl_estimator, beta)
     masked = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     if ref_hidden is not None:
         st = linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, masked, bias=bias, ref_bias=ref_bias,
@@ -433,7 +410,7 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
     masked = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     out = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                 _Head(teacher_hidden, teacher_weight, teacher_bias, group, detach=True),
-                                _global_targets(masked, shape, -100), inv_temp, code, True, False, be, group,
+                                masked, shape, -100, inv_temp, code, True, False, be, group,
                                 vocab_start)
     logp, q_logp = out["logp_a"].reshape(shape), out["logp_b"].reshape(shape)
     metrics = {"student_logp": _masked_mean(logp, mask), "teacher_logp": _masked_mean(q_logp, mask)}

@@ -131,6 +131,25 @@ def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix=""):
     return d, v
 
 
+def check_grpo_inputs(hidden, weight, targets, advantages, mask, bias, old_logp, ref_logp, ref_hidden, ref_weight,
+                      kl_estimator, beta):
+    """The argument checks of ``grpo_loss`` (also used by ``onepass.distributed.grpo_loss``)."""
+    _check_loss_inputs(hidden, weight, targets, mask, bias)
+    b_, t_ = targets.shape
+    if advantages.shape not in ((b_,), (b_, t_)):
+        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
+    _check_token_tensor("old_logp", old_logp, targets.shape)
+    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
+    if ref_hidden is not None and ref_logp is not None:
+        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
+    if kl_estimator == "full" and ref_hidden is None:
+        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    if beta != 0.0 and ref_hidden is None and ref_logp is None:
+        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+
+
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
@@ -147,20 +166,8 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     Returns (loss scalar fp32, metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
     clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
     """
-    d, v = _check_loss_inputs(hidden, weight, targets, mask, bias)
-    b_, t_ = targets.shape
-    if advantages.shape not in ((b_,), (b_, t_)):
-        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
-    _check_token_tensor("old_logp", old_logp, targets.shape)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
-    if (ref_hidden is None) != (ref_weight is None):
-        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
-    if ref_hidden is not None and ref_logp is not None:
-        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
-    if kl_estimator == "full" and ref_hidden is None:
-        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
-    if beta != 0.0 and ref_hidden is None and ref_logp is None:
-        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+    check_grpo_inputs(hidden, weight, targets, advantages, mask, bias, old_logp, ref_logp, ref_hidden, ref_weight,
+                      kl_estimator, beta)
     T = _validate.check_temperature(temperature)
     _validate.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, advantages=advantages,
                                 ref_hidden=ref_hidden, ref_weight=ref_weight)
