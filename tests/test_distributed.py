@@ -22,6 +22,8 @@ import torch.multiprocessing as mp
 import onepass
 from onepass import distributed as opd
 
+from _helpers import assert_tolerance
+
 WORLD = 2
 ATOL, RTOL = 2e-5, 2e-5
 SPAWN_TIMEOUT_S = 150.0
@@ -64,12 +66,12 @@ class _Errors:
     def __init__(self):
         self.table = {}
 
-    def __call__(self, case, got, ref):
+    def __call__(self, case, got, ref, atol=ATOL):
         got, ref = got.detach().double(), ref.detach().double()
         assert got.shape == ref.shape, f"{case}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
         err = (got - ref).abs()
-        bad = err > ATOL + RTOL * ref.abs()
-        assert not bad.any(), f"{case}: max abs error {err.max().item():.3e} above {ATOL} + {RTOL}·|ref|"
+        bad = err > atol + RTOL * ref.abs()
+        assert not bad.any(), f"{case}: max abs error {err.max().item():.3e} above {atol} + {RTOL}·|ref|"
         rel = (err / ref.abs().clamp_min(1e-6)).max().item()
         old = self.table.get(case, (0.0, 0.0))
         self.table[case] = (max(old[0], err.max().item()), max(old[1], rel))
@@ -143,6 +145,33 @@ def _check_token_logprobs(rank, world, errs):
         logp_only = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
                                               vocab_start=start if explicit else None)
         errs(f"{case} logp", logp_only, lp_ref)
+
+
+def _check_bf16(rank, world, errs):
+    """bf16 inputs: the 2-rank op's error against the float64 single-process op is within the tests' rule
+    (≤ 2 × the single-process bf16 op's error + floor), values and gradients."""
+    torch.manual_seed(7)
+    v, d, lead = 37, 32, (4, 6)
+    start, size = _split(v, rank, world)
+    h64, w64 = torch.randn(*lead, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64) * 0.3
+    y, coef = _targets(lead, v), torch.randn(lead)
+
+    def run(op, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = op(h, w, y, temperature=0.9, return_entropy=True)
+        gh, gw = _grads((coef * lp).sum() + (coef * ent).sum(), [h, w])
+        return lp, ent, gh, gw
+
+    truth = run(onepass.linear_token_logprobs, h64, w64)
+    bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
+    single = run(onepass.linear_token_logprobs, bf(h64), bf(w64))
+    par = run(opd.linear_token_logprobs, bf(h64), bf(w64[start:start + size]))
+    shard = lambda i, x: x[start:start + size] if i == 3 else x  # noqa: E731
+    for i, name in enumerate(("logp", "entropy", "grad hidden", "grad weight")):
+        assert_tolerance(par[i], shard(i, truth[i]), shard(i, single[i]), torch.bfloat16, f"bf16 {name}")
+        # recorded only (the bound is the rule above): bf16 gradients may differ by an ulp
+        errs(f"bf16 linear_token_logprobs {name} (vs single-process bf16)", par[i].float(),
+             shard(i, single[i]).float(), atol=float("inf"))
 
 
 def _check_policy_ref(rank, world, errs):
@@ -352,7 +381,7 @@ def _check_communication(rank, world, errs):
 
 def check_ops(rank, world, out_dir):
     errs = _Errors()
-    for check in (_check_token_logprobs, _check_policy_ref, _check_divergence, _check_grpo, _check_opd,
+    for check in (_check_token_logprobs, _check_bf16, _check_policy_ref, _check_divergence, _check_grpo, _check_opd,
                   _check_bad_input, _check_communication, _check_fsdp2):
         check(rank, world, errs)
     if rank == 0:
