@@ -41,6 +41,9 @@ def _entry(rank, world, port, check, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         CHECKS[check](rank, world, Path(out_dir))
+    except BaseException as exc:  # which rank failed first: its error is the job's root cause
+        (Path(out_dir) / f"rank{rank}.error").write_text(f"{time.time()!r}\n{exc!r}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -411,10 +414,15 @@ def test_vocab_parallel_ops_match_single_process(tmp_path):
 
 
 def test_rank_failure_ends_the_job(tmp_path):
+    """Rank 1 raises while rank 0 waits in the op's collective: the job ends with an exception (rank 0's
+    collective fails on the lost peer or rank 0 is terminated), no hang, and the first error is rank 1's."""
     t0 = time.monotonic()
-    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed mid-step"):
+    with pytest.raises(mp.ProcessRaisedException):
         _spawn("fail_mid_step", tmp_path)
     assert time.monotonic() - t0 < SPAWN_TIMEOUT_S
+    errors = sorted((float(when), what) for when, what in (f.read_text().split("\n", 1)
+                                                            for f in tmp_path.glob("rank*.error")))
+    assert errors and "rank 1 failed mid-step" in errors[0][1], errors
 
 
 def test_needs_initialized_process_group():
