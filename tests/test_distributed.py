@@ -145,8 +145,9 @@ def _check_token_logprobs(rank, world, errs):
         g = _grads((coef_lp * lp).sum() + (coef_ent * ent).sum(), inputs)
         gf = _grads((coef_lp * lp_ref).sum() + (coef_ent * ent_ref).sum(), full)
         _compare_grads(errs, case, g, gf, [None] + [(start, size)] * (len(inputs) - 1))
-        logp_only = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
-                                              vocab_start=start if explicit else None)
+        with torch.no_grad():
+            logp_only = opd.linear_token_logprobs(h, ws, y, bias=bs if use_bias else None, temperature=T,
+                                                  vocab_start=start if explicit else None)
         errs(f"{case} logp", logp_only, lp_ref)
 
 
@@ -263,7 +264,8 @@ def _check_opd(rank, world, errs):
     th, tw = torch.randn(3, 5, 12), torch.randn(v, 12) * 0.5
     ws, bs, tws = _shard(w, start, size), _shard(bias, start, size), tw[start:start + size]
     sl = (start, size)
-    cases = [dict(divergence="reverse_kl"), dict(divergence="forward_kl", temperature=0.8, loss_agg="seq-mean-token-sum"),
+    cases = [dict(divergence="reverse_kl"),
+             dict(divergence="forward_kl", temperature=0.8, loss_agg="seq-mean-token-sum"),
              dict(divergence="sampled_reverse_kl", reward_scale=1.5, ref_logp=torch.randn(3, 5) - 2.0)]
     for kw in cases:
         out = opd.opd_loss(h, ws, th, tws, y, mask=mask, student_bias=bs, **kw)

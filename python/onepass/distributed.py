@@ -22,10 +22,12 @@ shard masses w_r = e_r / s (u_r likewise for the second model b), the global val
     KL(p‖q) = Σ_r e_r (D^r + lse_a^r − lse_b^r) / s_a − lse_a + lse_b      (E_p[a − b] − lse_a + lse_b)
     KL(q‖p) likewise with a ↔ b
 
-so every sum travels in ONE SUM all-reduce of [N, k] fp32 columns.  jsd, tv, hellinger, chi2 and alpha
-(0 < α < 1 or α ∉ {0, 1}; jsd 0 < β < 1) need the global normalizers inside a second sweep, which the
-single-device op cannot take; they raise ``ValueError`` (jsd with β ∈ {0, 1} and alpha with α ∈ {0, 1}
-are KL and work).
+so every sum travels in ONE SUM all-reduce of [N, k] fp32 columns.  Supported divergences: reverse_kl and
+forward_kl (and jsd with β ∈ {0, 1}, alpha with α ∈ {0, 1}, which are KL).  jsd (0 < β < 1), tv,
+hellinger, chi2 and alpha (α ∉ {0, 1}) raise ``ValueError``: their per-entry terms need the GLOBAL
+normalizers inside the sweep (φ(a_v − lse_a, b_v − lse_b) does not split into per-shard statistics), and
+the single-device op normalizes by its own shard; they need a sweep entry point that takes per-row
+lse_a, lse_b (one more MAX + SUM round in the forward, S_a, S_b summed for the backward).
 
 Backward: the sums are straight-through (value: the all-reduced sum; gradient: to this rank's own term),
 so each rank's autograd computes, with no communication, the exact gradient of the (replicated) loss with
@@ -33,7 +35,9 @@ respect to its own shard statistics, hence its weight and bias shards; the hidde
 so their gradient is the sum of the ranks' partial gradients: one SUM all-reduce of [N, D] per model
 that requires it.  The lse statistic is not differentiable through the single-device op, so its gradient
 is taken through the identity lse^r = a_{y'} − logp^r with a_{y'} = h·W[y']/T (+ bias) computed for
-each row's clamped local target y' (an [N, D] gather; values always come from the op).
+each row's clamped local target y' (values always come from the op).  Cost, only when the head needs a
+gradient: an [N, D] gather in the forward and, in the backward, autograd's dense [V_r, D] gradient of that
+gather, added to the op's weight gradient.
 
 Communication per row (fp32, payload of the collectives; a ring all-reduce moves 2(R−1)/R of it):
 forward 4 bytes per MAX column (1 for one model, 2 for two) + 4 bytes per SUM column:
@@ -189,7 +193,11 @@ class _Head:
         self.bias = bias.contiguous() if bias is not None else None
 
     def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
-        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32, differentiable (ignored rows: index 0)."""
+        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32, differentiable (ignored rows: index 0);
+        only its gradient is used, so a head that needs none gets zeros."""
+        needs_grad = any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
+        if not (needs_grad and torch.is_grad_enabled()):
+            return torch.zeros(local_targets.shape, dtype=torch.float32, device=local_targets.device)
         idx = local_targets.clamp_min(0)
         z = (self.h.float() * self.w[idx].float()).sum(-1)
         if self.bias is not None:
