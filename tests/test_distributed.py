@@ -3,7 +3,7 @@
 Every check runs inside ONE spawn of 2 ranks (spawning costs seconds): each rank holds its shard of the
 LM head(s), computes the vocab-parallel op and a loss with random coefficients, and compares values and
 gradients (hidden, its weight shard, its bias shard) with the single-process op on the full head, in fp32:
-|x − ref| ≤ ATOL + RTOL·|ref|.  Rank 0 writes the max abs / rel errors per case to a JSON file.
+|x − ref| ≤ ATOL + RTOL·|ref|.  Rank 0 writes the max abs errors (and / max |reference|) per case to a JSON file.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _spawn(check: str, out_dir: Path) -> None:
 # Checks run on every rank.
 # ------------------------------------------------------------------------------------------------
 class _Errors:
-    """Compares and records the max abs / rel error per case."""
+    """Compares and records per case the max abs error and the max abs error / max |reference|."""
 
     def __init__(self):
         self.table = {}
@@ -75,7 +75,7 @@ class _Errors:
         err = (got - ref).abs()
         bad = err > atol + RTOL * ref.abs()
         assert not bad.any(), f"{case}: max abs error {err.max().item():.3e} above {atol} + {RTOL}·|ref|"
-        rel = (err / ref.abs().clamp_min(1e-6)).max().item()
+        rel = err.max().item() / max(ref.abs().max().item(), 1e-30)  # relative to the largest reference entry
         old = self.table.get(case, (0.0, 0.0))
         self.table[case] = (max(old[0], err.max().item()), max(old[1], rel))
 
