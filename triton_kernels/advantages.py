@@ -56,6 +56,18 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _member_tile(r_ptr, perm_ptr, start, n, smask, j, HAS_PERM: tl.constexpr, ACC: tl.constexpr):
+    """Members j [MEM_BLOCK] of each segment of the block: (mask, their batch positions, rewards in ACC)."""
+    m = smask[:, None] & (j[None, :] < n[:, None])
+    pos = start[:, None] + j[None, :]
+    if HAS_PERM:
+        idx = tl.load(perm_ptr + pos, mask=m, other=0)
+    else:
+        idx = pos
+    return m, idx, tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+
+
+@triton.jit
 def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, var_floor,
                         MODE: tl.constexpr, HAS_PERM: tl.constexpr, ACC: tl.constexpr,
                         SEG_BLOCK: tl.constexpr, MEM_BLOCK: tl.constexpr):
@@ -79,14 +91,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
     # (exact scaling), so that rewards near the float range limit do not overflow.
     amax = tl.zeros([SEG_BLOCK], dtype=ACC)
     for j0 in range(0, nmax, MEM_BLOCK):
-        j = j0 + cols
-        m = smask[:, None] & (j[None, :] < n[:, None])
-        pos = start[:, None] + j[None, :]
-        if HAS_PERM:
-            idx = tl.load(perm_ptr + pos, mask=m, other=0)
-        else:
-            idx = pos
-        v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+        m, idx, v = _member_tile(r_ptr, perm_ptr, start, n, smask, j0 + cols, HAS_PERM, ACC)
         amax = tl.maximum(amax, tl.max(tl.where(m, tl.abs(v), 0.0), axis=1))
     k = tl.where(amax > 0.0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))), 1.0)
     shift = tl.load(r_ptr + first, mask=live, other=0).to(ACC) / k
@@ -94,14 +99,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
     # Pass 1: mean around the shift.
     s1 = tl.zeros([SEG_BLOCK], dtype=ACC)
     for j0 in range(0, nmax, MEM_BLOCK):
-        j = j0 + cols
-        m = smask[:, None] & (j[None, :] < n[:, None])
-        pos = start[:, None] + j[None, :]
-        if HAS_PERM:
-            idx = tl.load(perm_ptr + pos, mask=m, other=0)
-        else:
-            idx = pos
-        v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+        m, idx, v = _member_tile(r_ptr, perm_ptr, start, n, smask, j0 + cols, HAS_PERM, ACC)
         s1 += tl.sum(tl.where(m, v / k[:, None] - shift[:, None], 0.0), axis=1)
     mean_k = shift + s1 / n_safe  # mean / k
 
@@ -109,14 +107,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
     if MODE == 1:  # SEG_GROUP_STD: pass 2, sum of squared deviations.
         s2 = tl.zeros([SEG_BLOCK], dtype=ACC)
         for j0 in range(0, nmax, MEM_BLOCK):
-            j = j0 + cols
-            m = smask[:, None] & (j[None, :] < n[:, None])
-            pos = start[:, None] + j[None, :]
-            if HAS_PERM:
-                idx = tl.load(perm_ptr + pos, mask=m, other=0)
-            else:
-                idx = pos
-            v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+            m, idx, v = _member_tile(r_ptr, perm_ptr, start, n, smask, j0 + cols, HAS_PERM, ACC)
             d = tl.where(m, v / k[:, None] - mean_k[:, None], 0.0)
             s2 += tl.sum(d * d, axis=1)
         var_k = s2 / tl.maximum(nf - 1.0, 1.0)
@@ -136,14 +127,7 @@ def _adv_segment_kernel(r_ptr, perm_ptr, off_ptr, out_ptr, stats_ptr, S, eps, va
 
     # Pass 3: write the advantages to the members' original positions (0 for groups of one).
     for j0 in range(0, nmax, MEM_BLOCK):
-        j = j0 + cols
-        m = smask[:, None] & (j[None, :] < n[:, None])
-        pos = start[:, None] + j[None, :]
-        if HAS_PERM:
-            idx = tl.load(perm_ptr + pos, mask=m, other=0)
-        else:
-            idx = pos
-        v = tl.load(r_ptr + idx, mask=m, other=0).to(ACC)
+        m, idx, v = _member_tile(r_ptr, perm_ptr, start, n, smask, j0 + cols, HAS_PERM, ACC)
         if MODE == 1:
             x = v / k[:, None] - mean_k[:, None]
         else:

@@ -12,6 +12,7 @@ from .logprobs import linear_token_logprobs, token_logprobs
 from .losses import grpo_loss, opd_loss, policy_loss
 from .sinkhorn import sinkhorn_distance
 from . import nn  # noqa: E402  (modules wrapping the functions above)
+from . import distributed  # noqa: E402  (vocabulary-parallel variants, FSDP2 helper)
 
 __version__ = "0.1.0"
 

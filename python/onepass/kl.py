@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import _dispatch, _validate
-from ._contract import Kind
+from ._contract import Kind, VocabStats
 from ._ops.vocab_stats import linear_vocab_stats
 
 #: Sampled-token estimators of KL(policy‖reference) as functions of the log-ratio x = logp − ref_logp.
@@ -77,4 +77,9 @@ def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, 
     stats = linear_vocab_stats(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
                                ref_bias.detach() if ref_bias is not None else None, targets=t, inv_temp=1.0 / T,
                                kind=Kind.REVERSE_KL, need_entropy=True, backend=be)
+    return policy_ref_outputs(stats)
+
+
+def policy_ref_outputs(stats: VocabStats) -> dict:
+    """``linear_policy_ref_stats``'s outputs from the policy (a) / reference (b) stats with ``Kind.REVERSE_KL``."""
     return {"logp": stats.logp_a, "ref_logp": stats.logp_b, "entropy": stats.entropy, "kl_full": stats.div}

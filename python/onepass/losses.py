@@ -32,6 +32,8 @@ from .kl import check_estimator, kl_estimate
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RATIO_LOG_CLAMP = 20.0
 OPD_SAMPLED = "sampled_reverse_kl"
+#: The ignore_index given to masked positions of a loss's targets.
+MASKED_TARGET = -100
 
 
 def aggregation_weights(mask: Tensor, loss_agg: str) -> Tensor:
@@ -167,13 +169,17 @@ def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix=""):
     return v
 
 
+def masked_targets(targets, mask):
+    """targets [B, T] with the masked positions (mask 0) set to ``MASKED_TARGET``."""
+    return torch.where(mask != 0, targets, torch.full_like(targets, MASKED_TARGET))
+
+
 def _loss_targets(targets, mask, v):
     """Kernel-form targets [B, T]: masked positions ignored (−1), the others validated in [0, V)."""
-    masked = torch.where(mask != 0, targets, torch.full_like(targets, -100))
-    return _validate.check_targets(masked, targets.shape, v, -100).view(targets.shape)
+    return _validate.check_targets(masked_targets(targets, mask), targets.shape, v, MASKED_TARGET).view(targets.shape)
 
 
-def _token_kl(stats: VocabStats, ref_logp, kl_estimator: str, reference_in_sweep: bool):
+def token_kl(stats: VocabStats, ref_logp, kl_estimator: str, reference_in_sweep: bool):
     """Per-token KL to the reference: the sweep's exact KL ("full"), or an estimator on the sampled token
     with the reference log-probs of the sweep or given; None without a reference."""
     if kl_estimator == "full":
@@ -188,10 +194,43 @@ def grpo_token_loss(stats: VocabStats, advantages: Tensor, old_logp=None, ref_lo
     """Per-token GRPO loss ℓ [n] from the sweep's stats (policy = a, reference = b when
     ``reference_in_sweep``) and per-token advantages / old_logp / ref_logp [n]: ``policy_token_terms``
     with the KL of ``kl_estimator``."""
-    kl = _token_kl(stats, ref_logp, kl_estimator, reference_in_sweep)
+    kl = token_kl(stats, ref_logp, kl_estimator, reference_in_sweep)
     return policy_token_terms(stats.logp_a, advantages, old_logp, kl, stats.entropy, beta=beta,
                               epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
                               entropy_coef=entropy_coef)[0]
+
+
+def check_grpo_inputs(hidden, weight, targets, advantages, *, mask, bias, old_logp, ref_logp, ref_hidden,
+                      ref_weight, ref_bias, kl_estimator, beta, ref_divergence="reverse_kl") -> int:
+    """The argument checks of ``grpo_loss`` (shared with ``onepass.distributed.grpo_loss``); returns the V of
+    ``weight`` (the shard's rows for a vocabulary-parallel head; targets are range-checked by the caller)."""
+    v = _check_loss_inputs(hidden, weight, targets, mask, bias)
+    b_, t_ = targets.shape
+    _validate.check_float("advantages", advantages)
+    if advantages.shape not in ((b_,), (b_, t_)):
+        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
+    _check_token_tensor("old_logp", old_logp, targets.shape)
+    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    two = ref_hidden is not None
+    if two != (ref_weight is not None):
+        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
+    if two:
+        _validate.check_second_model("ref_", ref_hidden, ref_weight, ref_bias, "", hidden, v)
+    if two and ref_logp is not None:
+        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
+    if kl_estimator != "full":
+        check_estimator(kl_estimator, "kl_estimator")
+        if ref_divergence != "reverse_kl":
+            raise ValueError(f"ref_divergence={ref_divergence!r} needs kl_estimator='full' (a full-vocabulary "
+                             "penalty); the sampled estimators estimate the reverse KL")
+    elif not two:
+        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    if beta != 0.0 and not two and ref_logp is None:
+        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+    _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
+                                advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden,
+                                ref_weight=ref_weight, ref_bias=ref_bias)
+    return v
 
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
@@ -215,35 +254,13 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     Returns (loss scalar (float32; float64 for float64 inputs), metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
     clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
     """
-    v = _check_loss_inputs(hidden, weight, targets, mask, bias)
-    b_, t_ = targets.shape
-    _validate.check_float("advantages", advantages)
-    if advantages.shape not in ((b_,), (b_, t_)):
-        raise ValueError(f"advantages must be [B]=[{b_}] or [B, T]=[{b_}, {t_}], got {tuple(advantages.shape)}")
-    _check_token_tensor("old_logp", old_logp, targets.shape)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
-    two = ref_hidden is not None
-    if two != (ref_weight is not None):
-        raise ValueError("give the reference as both ref_hidden and ref_weight, or neither")
-    if two:
-        _validate.check_second_model("ref_", ref_hidden, ref_weight, ref_bias, "", hidden, v)
-    if two and ref_logp is not None:
-        raise ValueError("give the reference either as ref_logp or as ref_hidden + ref_weight, not both")
-    if kl_estimator != "full":
-        check_estimator(kl_estimator, "kl_estimator")
-        if ref_divergence != "reverse_kl":
-            raise ValueError(f"ref_divergence={ref_divergence!r} needs kl_estimator='full' (a full-vocabulary "
-                             "penalty); the sampled estimators estimate the reverse KL")
-    elif not two:
-        raise ValueError("kl_estimator='full' needs the reference as ref_hidden + ref_weight")
+    v = check_grpo_inputs(hidden, weight, targets, advantages, mask=mask, bias=bias, old_logp=old_logp,
+                          ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                          kl_estimator=kl_estimator, beta=beta, ref_divergence=ref_divergence)
     kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
                                  if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
-    if beta != 0.0 and not two and ref_logp is None:
-        raise ValueError(f"beta={beta} needs a reference: ref_logp or ref_hidden + ref_weight")
+    two = ref_hidden is not None
     T = _validate.check_temperature(temperature)
-    _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
-                                advantages=advantages, old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden,
-                                ref_weight=ref_weight, ref_bias=ref_bias)
     w = aggregation_weights(mask, loss_agg)
     be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "grpo_loss")
     inputs = _constants(mask, advantages=_expand_advantages(advantages, w), old_logp=old_logp, ref_logp=ref_logp)
@@ -255,7 +272,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                                     targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
                                     kind=kind, beta=div_beta, alpha=div_alpha, need_entropy=True)
     with torch.no_grad():
-        kl = _token_kl(stats, inputs.get("ref_logp"), kl_estimator, two)
+        kl = token_kl(stats, inputs.get("ref_logp"), kl_estimator, two)
         _, metrics = policy_loss(stats.logp_a, inputs["advantages"], mask=mask, old_logp=inputs.get("old_logp"),
                                  kl=kl, entropy=stats.entropy, loss_agg=loss_agg, **terms)
     return loss, metrics
@@ -280,6 +297,31 @@ def opd_token_loss(stats: VocabStats, ref_logp=None, *, sampled=False, reward_sc
     return -reward.detach() * torch.exp(logp - logp.detach())
 
 
+def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask, divergence,
+                     beta, alpha, reward_scale, ref_logp, student_bias, teacher_bias) -> tuple[int, Kind, float, float]:
+    """The argument checks of ``opd_loss`` (shared with ``onepass.distributed.opd_loss``); returns (V of
+    ``student_weight``, the kernel's (kind, β, α): ``Kind.NONE`` for ``OPD_SAMPLED``)."""
+    v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_")
+    _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
+                                 v)
+    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    if divergence == OPD_SAMPLED:
+        if ref_logp is None and reward_scale != 1.0:
+            raise ValueError("reward_scale != 1 (G-OPD / ExOPD) needs ref_logp, the reference log-probs")
+        kind = Kind.NONE
+    else:
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {tuple(DIVERGENCES) + (OPD_SAMPLED,)}, got {divergence!r}")
+        if reward_scale != 1.0 or ref_logp is not None:
+            raise ValueError("reward_scale and ref_logp apply to divergence='sampled_reverse_kl' only")
+        kind, beta, alpha = kernel_kind(divergence, beta, alpha)
+    _validate.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                                student_bias=student_bias, teacher_hidden=teacher_hidden,
+                                teacher_weight=teacher_weight, teacher_bias=teacher_bias, targets=targets, mask=mask,
+                                ref_logp=ref_logp)
+    return v, kind, beta, alpha
+
+
 def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
              teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto"):
@@ -297,26 +339,12 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
     Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
     [V, Dt], targets (the sampled tokens) and mask [B, T].  Returns (loss, metrics).
     """
-    v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_")
-    _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
-                                 v)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    v, kind, beta, alpha = check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+                                            mask=mask, divergence=divergence, beta=beta, alpha=alpha,
+                                            reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
+                                            teacher_bias=teacher_bias)
     sampled = divergence == OPD_SAMPLED
-    if sampled:
-        kind = Kind.NONE
-        if ref_logp is None and reward_scale != 1.0:
-            raise ValueError("reward_scale != 1 (G-OPD / ExOPD) needs ref_logp, the reference log-probs")
-    else:
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {tuple(DIVERGENCES) + (OPD_SAMPLED,)}, got {divergence!r}")
-        if reward_scale != 1.0 or ref_logp is not None:
-            raise ValueError("reward_scale and ref_logp apply to divergence='sampled_reverse_kl' only")
-        kind, beta, alpha = kernel_kind(divergence, beta, alpha)
     T = _validate.check_temperature(temperature)
-    _validate.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
-                                student_bias=student_bias, teacher_hidden=teacher_hidden,
-                                teacher_weight=teacher_weight, teacher_bias=teacher_bias, targets=targets, mask=mask,
-                                ref_logp=ref_logp)
     w = aggregation_weights(mask, loss_agg)
     be = _dispatch.resolve_backend(backend, student_hidden, "vocab_stats", "opd_loss")
     inputs = {k: x for k, x in _constants(mask, ref_logp=ref_logp).items() if x is not None}
@@ -325,11 +353,16 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
                                     teacher_hidden, teacher_weight, teacher_bias,
                                     targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
                                     kind=kind, beta=beta, alpha=alpha)
+    return loss, opd_metrics(stats, mask, inputs.get("ref_logp"), sampled=sampled, reward_scale=float(reward_scale))
+
+
+def opd_metrics(stats: VocabStats, mask, ref_logp=None, *, sampled, reward_scale) -> dict:
+    """``opd_loss``'s metrics (detached masked means) from the student (a) / teacher (b) stats [B, T]."""
     metrics = {"student_logp": _masked_mean(stats.logp_a, mask), "teacher_logp": _masked_mean(stats.logp_b, mask)}
     if sampled:
-        reward = _opd_reward(stats.logp_a, stats.logp_b, inputs.get("ref_logp"), float(reward_scale))
+        reward = _opd_reward(stats.logp_a, stats.logp_b, ref_logp, reward_scale)
         metrics["reward"] = _masked_mean(reward, mask)
         metrics["reverse_kl_sampled"] = _masked_mean(stats.logp_a - stats.logp_b, mask)
     else:
         metrics["divergence"] = _masked_mean(stats.div, mask)
-    return loss, metrics
+    return metrics
