@@ -64,7 +64,7 @@ def _metrics(out):
 
 def test_opd_distills_the_teacher(student_dir, teacher_dir, tmp_path):
     """Fixed seed, 25 OPD steps (reverse KL): the held-out answer divergence to the teacher falls by more than
-    half and the student's greedy accuracy rises by ≥ 0.25 (measured: KL 3.7 -> 0.5, accuracy 0.06 -> 0.75)."""
+    half and the student's greedy accuracy rises by ≥ 0.25 (measured: KL 5.09 -> 1.39, accuracy 0.00 -> 0.50)."""
     cfg = opd_config(student_dir, teacher_dir, tmp_path, "train.max_steps=25", "train.prompts_per_step=8",
                      "train.save_steps=100", "optim.warmup_steps=2")
     teacher = modeling.load_model(teacher_dir, "float32")
