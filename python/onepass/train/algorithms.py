@@ -17,7 +17,7 @@ import onepass
 
 from . import modeling, rewards as rewards_mod
 from .config import Config
-from .rollout import Rollout
+from .rollout import Rollout, fixed_batch, generate
 
 
 class Algorithm:
@@ -28,6 +28,10 @@ class Algorithm:
 
     def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
         raise NotImplementedError
+
+    def rollout(self, model, tokenizer, texts: list[str], columns: dict[str, list]) -> Rollout:
+        """The step's batch: ``rollout.num_generations`` samples per prompt (offline algorithms override it)."""
+        return generate(model, tokenizer, texts, columns, self.cfg.rollout)
 
     def prepare(self, model, batch: Rollout) -> dict:
         """Fill ``batch.extras`` with per-sequence / per-token tensors; return step metrics (floats)."""
@@ -260,4 +264,51 @@ class KDRL(GRPO):
         return loss, m
 
 
-ALGORITHMS = {"grpo": GRPO, "opd": OPD, "kdrl": KDRL}
+def token_logits(hidden, weight, bias, mask) -> torch.Tensor:
+    """The logits [n, V] of the n masked-in tokens only (SinKD's point clouds)."""
+    logits = hidden[mask.bool()] @ weight.T
+    return logits if bias is None else logits + bias
+
+
+class OfflineKD(OPD):
+    """Offline distillation on fixed completions (data column distill.completion_column; no sampling):
+    distill.coef · D(student, teacher) (``onepass.opd_loss``, any full-vocabulary kind) plus
+    distill.sinkhorn_coef · SinKD's Sinkhorn distance (``onepass.sinkhorn_distance``) between the student's
+    and the teacher's next-token distributions over all completion tokens of the micro-batch.  SinKD needs
+    the logits of those tokens, [n_tokens, V]; the divergence term never materializes them."""
+
+    name = "offline"
+    plotted = ("divergence", "sinkhorn", "loss", "grad_norm")
+
+    def rollout(self, model, tokenizer, texts, columns):
+        col = self.cfg.distill.completion_column
+        if col not in columns:
+            raise ValueError(f"distill.completion_column {col!r} is not a data column (columns: {sorted(columns)})")
+        return fixed_batch(tokenizer, texts, [str(c) for c in columns[col]], columns,
+                           next(model.parameters()).device)
+
+    def prepare(self, model, batch: Rollout) -> dict:
+        return {"reward_mean": None}
+
+    def loss(self, model, micro: Rollout):
+        d, L = self.cfg.distill, self.cfg.loss
+        h = completion_hidden(model, micro)
+        hd = modeling.head(model)
+        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device)
+        div_loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, mask=micro.completion_mask,
+                                       divergence=d.divergence, beta=d.beta, alpha=d.alpha,
+                                       temperature=d.temperature, student_bias=hd.bias, teacher_bias=t_b,
+                                       loss_agg=L.loss_agg, backend=L.backend)
+        metrics = {"divergence": m["divergence"]}
+        loss = d.coef * div_loss
+        if d.sinkhorn_coef:
+            sink = onepass.sinkhorn_distance(token_logits(h, hd.weight, hd.bias, micro.completion_mask),
+                                             token_logits(t_h, t_w, t_b, micro.completion_mask),
+                                             epsilon=d.sinkhorn_epsilon, n_iters=d.sinkhorn_iters,
+                                             temperature=d.sinkhorn_temperature, backend=L.backend)
+            loss = loss + d.sinkhorn_coef * sink
+            metrics["sinkhorn"] = sink.detach()
+        return loss, metrics
+
+
+ALGORITHMS = {"grpo": GRPO, "opd": OPD, "kdrl": KDRL, "offline": OfflineKD}

@@ -98,7 +98,13 @@ class DistillConfig:
     alpha: float = 0.5                    # alpha-divergence's α
     reward_scale: float = 1.0             # G-OPD's λ (1: plain OPD, > 1: ExOPD); needs sampled_reverse_kl
     temperature: float = 1.0              # softmax temperature of both models in the divergence
-    coef: float = 1.0                     # kdrl: weight of the divergence added to the GRPO loss
+    coef: float = 1.0                     # kdrl: weight of the divergence added to the GRPO loss;
+                                          # offline: weight of the divergence (0: SinKD alone)
+    completion_column: str = "completion" # offline: the data column with the fixed completions
+    sinkhorn_coef: float = 0.0            # offline: weight of SinKD's Sinkhorn distance over the batch's tokens
+    sinkhorn_epsilon: float = 0.1         # SinKD's entropic regularization ε
+    sinkhorn_iters: int = 20              # SinKD's Sinkhorn iterations
+    sinkhorn_temperature: float = 1.0     # SinKD's softmax temperature T
 
 
 @dataclass
@@ -151,7 +157,7 @@ class Config:
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha")
-DISTILLATION = ("opd", "kdrl")          # the algorithms that need a teacher
+DISTILLATION = ("opd", "kdrl", "offline")          # the algorithms that need a teacher
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.init": (None, "tiny-arith"),
@@ -221,8 +227,11 @@ def _validate_distill(cfg: Config) -> None:
                           f"distill.divergence={d.divergence!r}")
     if d.reward_scale == 1.0 and (cfg.reference.path or cfg.reference.soup) and cfg.algorithm == "opd":
         raise ConfigError("reference.path given but distill.reward_scale is 1: plain OPD does not use a reference")
-    if cfg.algorithm == "kdrl" and d.divergence == "sampled_reverse_kl":
-        raise ConfigError("distill.divergence for kdrl must be a full-vocabulary kind, got 'sampled_reverse_kl'")
+    if cfg.algorithm in ("kdrl", "offline") and d.divergence == "sampled_reverse_kl":
+        raise ConfigError(f"distill.divergence for {cfg.algorithm} must be a full-vocabulary kind, got "
+                          "'sampled_reverse_kl'")
+    if cfg.algorithm == "offline" and d.coef == 0 and d.sinkhorn_coef == 0:
+        raise ConfigError("offline: distill.coef and distill.sinkhorn_coef are both 0: there is no loss")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **defaults) -> Config:

@@ -24,7 +24,7 @@ from . import checkpoint, modeling
 from .algorithms import ALGORITHMS
 from .config import Config, ConfigError, to_yaml
 from .data import PromptStream, check_context, load_rows, prompt_text
-from .rollout import Rollout, generate
+from .rollout import Rollout
 from .tiny import build_tiny_model, build_tiny_teacher
 
 METRICS_FILE = "metrics.jsonl"
@@ -135,7 +135,7 @@ class Trainer:
         idx = self.stream.take(self.cfg.train.prompts_per_step)
         cols = [c for c in self.rows[0] if c != self.cfg.data.prompt_column]
         columns = {c: [self.rows[i][c] for i in idx] for c in cols}
-        return generate(self.model, self.tokenizer, [self.texts[i] for i in idx], columns, self.cfg.rollout)
+        return self.algorithm.rollout(self.model, self.tokenizer, [self.texts[i] for i in idx], columns)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -215,7 +215,7 @@ class Trainer:
             m = self.train_step()
             self._log(m)
             bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.4f}" if m["kl"] is not None else "-",
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}" if m["reward_mean"] is not None else "-", kl=f"{m['kl']:.4f}" if m["kl"] is not None else "-",
                             div=f"{m['divergence']:.4f}" if m.get("divergence") is not None else "-",
                             ent=f"{m.get('entropy', float('nan')):.3f}", clip=f"{m.get('clip_frac', 0):.3f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
