@@ -1,6 +1,7 @@
-"""The distillation trainers (onepass.train: opd, kdrl) on the offline tiny models and the arith task: the
-student learns from a teacher SFT'd on the task; the fused losses equal naive logits-based ones for every
-divergence kind and G-OPD λ; KDRL's combined loss; vocabulary mismatch; resume."""
+"""The distillation trainers (onepass.train: opd, kdrl, offline) on the offline tiny models and the arith task:
+the student learns from a teacher SFT'd on the task; the fused losses equal naive logits-based ones for every
+divergence kind and G-OPD λ; KDRL's combined loss; offline KD with SinKD vs onepass.reference; vocabulary
+mismatch; config errors; resume."""
 from __future__ import annotations
 
 import json
@@ -9,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import onepass
-from onepass.train import ConfigError, Trainer, load_config, run
-from onepass.train import modeling
+from onepass.train import ConfigError, Trainer, modeling, run
 from onepass.train.tiny import arith_sft_batch, build_tiny_model, build_tiny_teacher
 
-from _train_helpers import small_config
+from _train_helpers import (assert_fused_equals_naive, assert_same_loss, assert_same_run, loss_and_grads, perturbed_rollout,
+                           small_config)
 
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"]
-TIMING_KEYS = {"tokens_per_s", "step_time_s"}
 
 
 @pytest.fixture(scope="module")
@@ -87,32 +86,8 @@ def opd_trainer(student_dir, teacher_dir, tmp_path_factory):
                      "distill.divergence=sampled_reverse_kl", "distill.reward_scale=1.5", "distill.temperature=0.9",
                      "loss.loss_agg=seq-mean-token-mean", "distill.beta=0.3", "distill.alpha=0.7")
     trainer = Trainer(cfg)
-    with torch.no_grad():  # move the student away from its reference so that λ matters
-        g = torch.Generator().manual_seed(3)
-        for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    batch = trainer._rollout()
-    trainer.algorithm.prepare(trainer.model, batch)
+    batch = perturbed_rollout(trainer)  # so that λ matters
     return trainer, batch
-
-
-def _loss_and_grads(trainer, batch):
-    trainer.model.zero_grad(set_to_none=True)
-    loss, metrics = trainer.algorithm.loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.item(), float(metrics["divergence"]), grads
-
-
-def _assert_same(fused, naive):
-    (lf, df, gf), (ln, dn, gn) = fused, naive
-    assert abs(dn) > 1e-4, "the divergence must be nonzero for the comparison to mean something"
-    assert abs(lf - ln) <= 1e-5 * max(1.0, abs(ln)), (lf, ln)
-    assert abs(df - dn) <= 1e-5 * max(1.0, abs(dn)), (df, dn)
-    assert gf.keys() == gn.keys() and len(gf) > 0
-    for name in gn:
-        scale = gn[name].abs().max().item()
-        assert (gf[name] - gn[name]).abs().max().item() <= 1e-4 * max(scale, 1e-6), name
 
 
 CASES = [(k, 1.0) for k in DIVERGENCES] + [("sampled_reverse_kl", lam) for lam in (0.5, 1.0, 1.5)]
@@ -122,11 +97,7 @@ CASES = [(k, 1.0) for k in DIVERGENCES] + [("sampled_reverse_kl", lam) for lam i
 def test_opd_loss_equals_naive_in_trainer(opd_trainer, kind, lam):
     trainer, batch = opd_trainer
     trainer.cfg.distill.divergence, trainer.cfg.distill.reward_scale = kind, lam
-    results = {}
-    for impl in ("fused", "naive"):
-        trainer.cfg.loss.impl = impl
-        results[impl] = _loss_and_grads(trainer, batch)
-    _assert_same(results["fused"], results["naive"])
+    assert_fused_equals_naive(trainer, batch, "divergence")
 
 
 def test_gopd_lambda_changes_the_loss(opd_trainer):
@@ -153,8 +124,8 @@ def test_kdrl_loss_equals_naive_in_trainer(student_dir, teacher_dir, tmp_path, k
     results = {}
     for impl in ("fused", "naive"):
         alg.loss_cfg = replace(alg.loss_cfg, impl=impl)
-        results[impl] = _loss_and_grads(trainer, batch)
-    _assert_same(results["fused"], results["naive"])
+        results[impl] = loss_and_grads(trainer, batch, "divergence")
+    assert_same_loss(results["fused"], results["naive"])
     alg.loss_cfg = replace(alg.loss_cfg, impl="fused", beta=0.0)
     without = alg.loss(trainer.model, batch)[0].item()
     assert results["fused"][0] == pytest.approx(without + 0.7 * results["fused"][1], rel=1e-5, abs=1e-6)
@@ -183,14 +154,7 @@ def test_opd_resume_gives_the_uninterrupted_run(student_dir, teacher_dir, tmp_pa
     run(opd_config(student_dir, teacher_dir, tmp_path / "split", "train.max_steps=2", *common))
     run(opd_config(student_dir, teacher_dir, tmp_path / "split", "train.max_steps=4", *common),
         resume=str(tmp_path / "split" / "checkpoint-last"))
-    full, split = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
-    assert [m["step"] for m in split] == [1, 2, 3, 4]
-    for a, b in zip(full, split):
-        for k in a.keys() - TIMING_KEYS:
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), k
-    wa, wb = load_file(tmp_path / "full/final/model.safetensors"), load_file(tmp_path / "split/final/model.safetensors")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-6)
+    assert_same_run(tmp_path / "full", tmp_path / "split", [1, 2, 3, 4])
 
 
 @pytest.mark.parametrize("coef,sinkhorn_coef,kind", [(1.0, 0.5, "reverse_kl"), (0.0, 1.0, "reverse_kl"),
@@ -211,7 +175,7 @@ def test_offline_loss_equals_naive(student_dir, teacher_dir, tmp_path, coef, sin
     batch = trainer._rollout()
     assert batch.completions == [str(a) for a in batch.columns["answer"]]
     assert batch.completion_mask.sum(-1).tolist() == [2.0] * 5   # the answer token and EOS
-    fused = _loss_and_grads(trainer, batch)
+    fused = loss_and_grads(trainer, batch, "divergence")
     model, teacher = trainer.model, trainer.algorithm.teacher
     model.zero_grad(set_to_none=True)
     h, w = completion_hidden(model, batch), modeling.head(model).weight
@@ -225,4 +189,4 @@ def test_offline_loss_equals_naive(student_dir, teacher_dir, tmp_path, coef, sin
     loss = coef * div_loss + sinkhorn_coef * sink
     loss.backward()
     naive = (loss.item(), div.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    _assert_same(fused, naive)
+    assert_same_loss(fused, naive)
