@@ -190,3 +190,19 @@ def test_offline_loss_equals_naive(student_dir, teacher_dir, tmp_path, coef, sin
     loss.backward()
     naive = (loss.item(), div.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert_same_loss(fused, naive)
+
+
+def test_cli_opd_writes_divergence_rows_and_the_final_student(student_dir, teacher_dir, tmp_path):
+    from onepass.train.cli import main as cli_main
+
+    out = tmp_path / "out"
+    rc = cli_main(["opd", f"model.path={student_dir}", f"teacher.path={teacher_dir}", f"output_dir={out}",
+                   "data.task=arith", "data.task_size=8", "train.max_steps=1", "rollout.num_generations=2",
+                   "rollout.max_new_tokens=2", "train.prompts_per_step=2", "logging.progress=false",
+                   "logging.tensorboard=false"])
+    assert rc == 0
+    row = _metrics(out)[0]
+    assert row["divergence"] > 0 and {"reward_mean", "loss", "step"} <= row.keys()
+    for name in ("plots.png", "final/model.safetensors", "final/tokenizer.json", "config.yaml"):
+        assert (out / name).exists(), name
+    assert "divergence: reverse_kl" in (out / "config.yaml").read_text()
