@@ -139,7 +139,10 @@ def test_vocabulary_mismatch_is_refused(student_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides,key", [(["teacher.path=null"], "teacher.path"),
                                            (["distill.reward_scale=1.5"], "distill.reward_scale"),
-                                           (["distill.divergence=kl"], "distill.divergence")])
+                                           (["distill.divergence=kl"], "distill.divergence"),
+                                           (["algorithm=offline"], "rollout.num_generations"),
+                                           (["algorithm=kdrl", "distill.divergence=sampled_reverse_kl"],
+                                            "distill.divergence")])
 def test_distill_config_errors_name_the_key(student_dir, teacher_dir, tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key):
         opd_config(student_dir, teacher_dir, tmp_path, *overrides)

@@ -230,6 +230,9 @@ def _validate_distill(cfg: Config) -> None:
     if cfg.algorithm in ("kdrl", "offline") and d.divergence == "sampled_reverse_kl":
         raise ConfigError(f"distill.divergence for {cfg.algorithm} must be a full-vocabulary kind, got "
                           "'sampled_reverse_kl'")
+    if cfg.algorithm == "offline" and cfg.rollout.num_generations != 1:
+        raise ConfigError("offline: rollout.num_generations must be 1 (one fixed completion per prompt), got "
+                          f"{cfg.rollout.num_generations}")
     if cfg.algorithm == "offline" and d.coef == 0 and d.sinkhorn_coef == 0:
         raise ConfigError("offline: distill.coef and distill.sinkhorn_coef are both 0: there is no loss")
 
