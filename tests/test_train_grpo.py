@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from onepass.train import ConfigError, RewardError, Trainer, load_config, run
 from onepass.train.cli import main as cli_main
 from onepass.train.tiny import build_tiny_model
 
-from _train_helpers import small_config
-
-TIMING_KEYS = {"tokens_per_s", "step_time_s"}
+from _train_helpers import assert_fused_equals_naive, assert_same_run, perturbed_rollout, small_config
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +53,7 @@ def penalty_trainer(tiny_dir, tmp_path_factory):
     cfg = small_config(tiny_dir, out, "loss.beta=0.3", "loss.entropy_coef=0.01", "loss.loss_agg=seq-mean-token-mean",
                        "rollout.temperature=0.9")
     trainer = Trainer(cfg)
-    with torch.no_grad():  # move the policy away from its reference so that every penalty is nonzero
-        g = torch.Generator().manual_seed(3)
-        for p in trainer.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    batch = trainer._rollout()
-    trainer.algorithm.prepare(trainer.model, batch)
+    batch = perturbed_rollout(trainer)  # so that every penalty is nonzero
     return trainer, batch
 
 
@@ -69,22 +61,7 @@ def penalty_trainer(tiny_dir, tmp_path_factory):
 def test_fused_loss_equals_naive_in_trainer(penalty_trainer, estimator, kind):
     trainer, batch = penalty_trainer
     trainer.cfg.loss.kl_estimator, trainer.cfg.loss.divergence = estimator, kind
-    results = {}
-    for impl in ("fused", "naive"):
-        trainer.cfg.loss.impl = impl
-        trainer.model.zero_grad(set_to_none=True)
-        loss, metrics = trainer.algorithm.loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results[impl] = (loss.item(), float(metrics["kl"]), grads)
-    (lf, kf, gf), (ln, kn, gn) = results["fused"], results["naive"]
-    assert kn > 1e-4, "the penalty must be nonzero for the comparison to mean something"
-    assert abs(lf - ln) <= 1e-5 * max(1.0, abs(ln)), (lf, ln)
-    assert abs(kf - kn) <= 1e-5 * max(1.0, abs(kn)), (kf, kn)
-    assert gf.keys() == gn.keys() and len(gf) > 0
-    for name in gn:
-        scale = gn[name].abs().max().item()
-        assert (gf[name] - gn[name]).abs().max().item() <= 1e-4 * max(scale, 1e-6), name
+    assert_fused_equals_naive(trainer, batch, "kl")
 
 
 REWARD_MODULE = '''
@@ -117,15 +94,7 @@ def test_resume_gives_the_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
         run(small_config(tiny_dir, tmp_path / "split", *common))
     crashy.FAIL_ON_CALL = None
     run(small_config(tiny_dir, tmp_path / "split", *common), resume=str(tmp_path / "split" / "checkpoint-last"))
-    full, split = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
-    assert [m["step"] for m in split] == [1, 2, 3, 4]
-    for a, b in zip(full, split):
-        for k in a.keys() - TIMING_KEYS:
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6), k
-    wa, wb = load_file(tmp_path / "full/final/model.safetensors"), load_file(tmp_path / "split/final/model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-6)
+    assert_same_run(tmp_path / "full", tmp_path / "split", [1, 2, 3, 4])
 
 
 KILL_SCRIPT = '''

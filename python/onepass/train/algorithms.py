@@ -3,11 +3,12 @@
 The trainer skeleton (``trainer.Trainer``) owns config, data, rollouts, optimization, logging and
 checkpoints; an ``Algorithm`` builds its extra frozen models (``setup``), turns a rollout into training
 signals (``prepare``: rewards, advantages, old log-probs) and gives the loss of a micro-batch (``loss``).
-GRPO is the one implemented here; on-policy distillation plugs in the same way (a teacher in ``setup``,
-``onepass.opd_loss`` in ``loss``).
+GRPO, on-policy distillation (OPD, G-OPD / ExOPD: a frozen teacher in ``setup``, ``onepass.opd_loss`` in
+``loss``) and KDRL (the GRPO loss plus a divergence to the teacher, from the same sweep) are implemented.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -16,16 +17,21 @@ import onepass
 
 from . import modeling, rewards as rewards_mod
 from .config import Config
-from .rollout import Rollout
+from .rollout import Rollout, fixed_batch, generate
 
 
 class Algorithm:
     """Interface of a training algorithm (see the module docstring)."""
 
     name = "base"
+    plotted = ("reward_mean", "kl", "entropy", "response_length")   # the panels of plots.png
 
-    def setup(self, cfg: Config, model, tokenizer, initial_path: str) -> None:
+    def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
         raise NotImplementedError
+
+    def rollout(self, model, tokenizer, texts: list[str], columns: dict[str, list]) -> Rollout:
+        """The step's batch: ``rollout.num_generations`` samples per prompt (offline algorithms override it)."""
+        return generate(model, tokenizer, texts, columns, self.cfg.rollout)
 
     def prepare(self, model, batch: Rollout) -> dict:
         """Fill ``batch.extras`` with per-sequence / per-token tensors; return step metrics (floats)."""
@@ -40,6 +46,19 @@ def completion_hidden(model, batch: Rollout) -> torch.Tensor:
     """Hidden states that predict the completion tokens: [N, C, D] (positions P−1 .. P+C−2)."""
     h = modeling.last_hidden(model, batch.input_ids, batch.attention_mask)
     return h[:, batch.prompt_len - 1:-1]
+
+
+def masked_targets(batch: Rollout) -> torch.Tensor:
+    """The completion tokens [N, C] with −100 after each sequence's end."""
+    return torch.where(batch.completion_mask.bool(), batch.targets, torch.full_like(batch.targets, -100))
+
+
+def frozen_hidden_and_head(model, batch: Rollout, device):
+    """A frozen model's completion hidden states and LM head (weight, bias), moved to ``device``."""
+    with torch.no_grad():
+        h = completion_hidden(model, batch).to(device)
+        hd = modeling.head(model)
+        return h, hd.weight.to(device), None if hd.bias is None else hd.bias.to(device)
 
 
 def naive_grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp, ref_hidden, ref_weight, bias,
@@ -69,8 +88,9 @@ class GRPO(Algorithm):
 
     name = "grpo"
 
-    def setup(self, cfg: Config, model, tokenizer, initial_path: str) -> None:
+    def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
         self.cfg = cfg
+        self.loss_cfg = cfg.loss
         self.rewards = [rewards_mod.load_reward(r.function, r.weight) for r in cfg.rewards]
         self.reference: Optional[torch.nn.Module] = None
         if cfg.loss.beta != 0.0:
@@ -78,33 +98,35 @@ class GRPO(Algorithm):
                                                      cfg.model.dtype)
 
     def prepare(self, model, batch: Rollout) -> dict:
-        total, per_reward = rewards_mod.score(self.rewards, batch.prompts, batch.completions, batch.columns)
-        r = torch.tensor(total, dtype=torch.float32)
+        r, metrics = self.score(batch)
         adv = onepass.group_advantages(r, group_size=self.cfg.rollout.num_generations,
                                        estimator=self.cfg.advantage.estimator, scale=self.cfg.advantage.scale)
         with torch.no_grad():
             h = completion_hidden(model, batch)
             hd = modeling.head(model)
-            tk = torch.where(batch.completion_mask.bool(), batch.targets, torch.full_like(batch.targets, -100))
-            old_logp = onepass.linear_token_logprobs(h, hd.weight, tk, bias=hd.bias,
+            old_logp = onepass.linear_token_logprobs(h, hd.weight, masked_targets(batch), bias=hd.bias,
                                                      temperature=self.cfg.rollout.temperature,
                                                      backend=self.cfg.loss.backend)
-        batch.extras.update(advantages=adv, old_logp=old_logp, rewards=r)
+        batch.extras.update(advantages=adv, old_logp=old_logp)
+        return metrics
+
+    def score(self, batch: Rollout) -> tuple[torch.Tensor, dict]:
+        """The task rewards [N] (also stored as ``batch.extras["rewards"]``) and their step metrics."""
+        total, per_reward = rewards_mod.score(self.rewards, batch.prompts, batch.completions, batch.columns)
+        r = torch.tensor(total, dtype=torch.float32)
+        batch.extras["rewards"] = r
         metrics = {"reward_mean": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0}
         for name, values in per_reward.items():
             metrics[f"reward/{name}"] = sum(values) / len(values)
-        return metrics
+        return r, metrics
 
     def loss(self, model, micro: Rollout):
-        L = self.cfg.loss
+        L = self.loss_cfg
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
         ref_h = ref_w = ref_b = None
         if self.reference is not None:
-            with torch.no_grad():
-                ref_h = completion_hidden(self.reference, micro)
-                rhd = modeling.head(self.reference)
-                ref_w, ref_b = rhd.weight, rhd.bias
+            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, micro, h.device)
         kw = dict(mask=micro.completion_mask, old_logp=micro.extras["old_logp"], ref_hidden=ref_h, ref_weight=ref_w,
                   bias=hd.bias, temperature=self.cfg.rollout.temperature, beta=L.beta, kl_estimator=L.kl_estimator,
                   epsilon_low=L.epsilon_low, epsilon_high=L.epsilon_high, dual_clip=L.dual_clip,
@@ -118,4 +140,175 @@ class GRPO(Algorithm):
                                  ref_divergence_alpha=div["divergence_alpha"], backend=L.backend, **kw)
 
 
-ALGORITHMS = {"grpo": GRPO}
+def naive_opd_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, mask, divergence, beta, alpha,
+                   reward_scale, ref_logp, temperature, loss_agg):
+    """The OPD loss from materialized logits [N, C, V] (plain PyTorch ops of onepass's "torch" backend):
+    a full-vocabulary kind is agg(D(p, q)); sampled_reverse_kl is agg(−r·ratio) with the detached G-OPD reward
+    r = λ(log q − log π_ref) − (log p − log π_ref) (π_ref = p when ``ref_logp`` is None) and ratio 1 carrying
+    the gradient of log p.  What ``onepass.opd_loss`` computes without the logits; for tests and memory
+    comparisons.  Returns (loss, mean per-token divergence)."""
+    logits = (hidden @ weight.T).float()
+    with torch.no_grad():
+        t_logits = (teacher_hidden @ teacher_weight.T).float()
+    tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+    n = mask.sum().clamp_min(1)
+    if divergence == "sampled_reverse_kl":
+        logp = onepass.token_logprobs(logits, tk, temperature=temperature, backend="torch")
+        t_logp = onepass.token_logprobs(t_logits, tk, temperature=temperature, backend="torch")
+        ref = logp.detach() if ref_logp is None else ref_logp
+        reward = (reward_scale * (t_logp - ref) - (logp.detach() - ref)) * mask
+        loss, _ = onepass.policy_loss(logp, reward, mask=mask, loss_agg=loss_agg)
+        return loss, ((logp.detach() - t_logp) * mask).sum() / n
+    div = onepass.divergence(logits, t_logits, kind=divergence, beta=beta, alpha=alpha, temperature=temperature,
+                             targets=tk, backend="torch")
+    logp = onepass.token_logprobs(logits.detach(), tk, temperature=temperature, backend="torch")
+    loss, _ = onepass.policy_loss(logp, torch.zeros_like(logp), mask=mask, kl=div, beta=1.0, loss_agg=loss_agg)
+    return loss, (div.detach() * mask).sum() / n
+
+
+def load_teacher(cfg: Config, tokenizer, model, teacher_path: str):
+    """The frozen teacher on ``teacher.device``; its tokenizer and LM head must match the student's vocabulary."""
+    teacher = modeling.frozen(modeling.load_model(teacher_path, cfg.model.dtype))
+    if cfg.teacher.device:
+        teacher.to(cfg.teacher.device)
+    check_same_vocabulary(tokenizer, modeling.load_tokenizer(teacher_path), model, teacher, teacher_path)
+    return teacher
+
+
+def check_same_vocabulary(student_tok, teacher_tok, student, teacher, teacher_path) -> None:
+    """Distillation compares the two models token by token: same token → id map and the same LM-head rows."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s, only_t = sorted(sv.keys() - tv.keys())[:5], sorted(tv.keys() - sv.keys())[:5]
+        moved = sorted(k for k in sv.keys() & tv.keys() if sv[k] != tv[k])[:5]
+        raise ValueError(f"teacher.path {teacher_path!r}: the teacher's tokenizer does not share the student's "
+                         f"vocabulary ({len(tv)} vs {len(sv)} tokens; only in the student: {only_s}, only in "
+                         f"the teacher: {only_t}, different ids: {moved}); distillation needs the same vocabulary")
+    vs, vt = modeling.head(student).weight.shape[0], modeling.head(teacher).weight.shape[0]
+    if vs != vt:
+        raise ValueError(f"teacher.path {teacher_path!r}: the teacher's LM head has {vt} rows, the student's {vs}; "
+                         "distillation needs the same vocabulary size")
+
+
+class OPD(Algorithm):
+    """On-policy distillation: the student samples, the frozen teacher scores the samples, the loss is
+    ``onepass.opd_loss`` (both LM heads in one vocabulary sweep).  With distill.divergence: sampled_reverse_kl
+    and distill.reward_scale λ ≠ 1 it is G-OPD (λ > 1: ExOPD) with the reference π_ref (reference.path, by
+    default the initial student).  The task rewards are computed and logged, not trained on."""
+
+    name = "opd"
+    plotted = ("reward_mean", "divergence", "response_length", "grad_norm")
+
+    def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.rewards = [rewards_mod.load_reward(r.function, r.weight) for r in cfg.rewards]
+        self.teacher = load_teacher(cfg, tokenizer, model, teacher_path)
+        self.reference = None
+        if cfg.distill.reward_scale != 1.0:
+            self.reference = modeling.load_reference(initial_path, cfg.reference.path, list(cfg.reference.soup),
+                                                     cfg.model.dtype)
+
+    score = GRPO.score
+
+    def prepare(self, model, batch: Rollout) -> dict:
+        _, metrics = self.score(batch)
+        if self.reference is not None:
+            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, batch, batch.input_ids.device)
+            batch.extras["ref_logp"] = onepass.linear_token_logprobs(
+                ref_h, ref_w, masked_targets(batch), bias=ref_b, temperature=self.cfg.distill.temperature,
+                backend=self.cfg.loss.backend)
+        return metrics
+
+    def loss(self, model, micro: Rollout):
+        d, L = self.cfg.distill, self.cfg.loss
+        h = completion_hidden(model, micro)
+        hd = modeling.head(model)
+        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device)
+        kw = dict(mask=micro.completion_mask, divergence=d.divergence, beta=d.beta, alpha=d.alpha,
+                  reward_scale=d.reward_scale, temperature=d.temperature,
+                  ref_logp=micro.extras.get("ref_logp") if d.divergence == "sampled_reverse_kl" else None,
+                  loss_agg=L.loss_agg)
+        if L.impl == "naive":
+            if hd.bias is not None or t_b is not None:
+                raise ValueError("loss.impl: naive does not handle LM-head biases; use loss.impl: fused")
+            loss, div = naive_opd_loss(h, hd.weight, t_h, t_w, micro.targets, **kw)
+            return loss, {"divergence": div}
+        loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, student_bias=hd.bias, teacher_bias=t_b,
+                                   backend=L.backend, **kw)
+        div = m["reverse_kl_sampled"] if d.divergence == "sampled_reverse_kl" else m["divergence"]
+        return loss, {"divergence": div}
+
+
+class KDRL(GRPO):
+    """KDRL: the GRPO loss with the trainer's rewards plus distill.coef · D(student, teacher), D any
+    full-vocabulary divergence, in the same sweep (``onepass.grpo_loss`` with the teacher in the place of
+    the reference and the exact penalty).  A penalty to a reference (loss.beta) is not combined with it."""
+
+    name = "kdrl"
+    plotted = ("reward_mean", "divergence", "entropy", "response_length")
+
+    def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
+        if cfg.loss.beta != 0.0:
+            raise ValueError("kdrl: loss.beta must be 0 (the teacher takes the reference's place; use distill.coef)")
+        self.cfg = cfg
+        d = cfg.distill
+        self.loss_cfg = replace(cfg.loss, beta=d.coef, kl_estimator="full", divergence=d.divergence,
+                                divergence_beta=d.beta, divergence_alpha=d.alpha)
+        self.rewards = [rewards_mod.load_reward(r.function, r.weight) for r in cfg.rewards]
+        self.reference = load_teacher(cfg, tokenizer, model, teacher_path)
+
+    def loss(self, model, micro: Rollout):
+        loss, m = super().loss(model, micro)
+        m = dict(m)
+        m["divergence"] = m.pop("kl")
+        return loss, m
+
+
+def token_logits(hidden, weight, bias, mask) -> torch.Tensor:
+    """The logits [n, V] of the n masked-in tokens only (SinKD's point clouds)."""
+    logits = hidden[mask.bool()] @ weight.T
+    return logits if bias is None else logits + bias
+
+
+class OfflineKD(OPD):
+    """Offline distillation on fixed completions (data column distill.completion_column; no sampling):
+    distill.coef · D(student, teacher) (``onepass.opd_loss``, any full-vocabulary kind) plus
+    distill.sinkhorn_coef · SinKD's Sinkhorn distance (``onepass.sinkhorn_distance``) between the student's
+    and the teacher's next-token distributions over all completion tokens of the micro-batch.  SinKD needs
+    the logits of those tokens, [n_tokens, V]; the divergence term never materializes them."""
+
+    name = "offline"
+    plotted = ("divergence", "sinkhorn", "loss", "grad_norm")
+
+    def rollout(self, model, tokenizer, texts, columns):
+        col = self.cfg.distill.completion_column
+        if col not in columns:
+            raise ValueError(f"distill.completion_column {col!r} is not a data column (columns: {sorted(columns)})")
+        return fixed_batch(tokenizer, texts, [str(c) for c in columns[col]], columns,
+                           next(model.parameters()).device)
+
+    def prepare(self, model, batch: Rollout) -> dict:
+        return {"reward_mean": None}
+
+    def loss(self, model, micro: Rollout):
+        d, L = self.cfg.distill, self.cfg.loss
+        h = completion_hidden(model, micro)
+        hd = modeling.head(model)
+        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device)
+        div_loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, mask=micro.completion_mask,
+                                       divergence=d.divergence, beta=d.beta, alpha=d.alpha,
+                                       temperature=d.temperature, student_bias=hd.bias, teacher_bias=t_b,
+                                       loss_agg=L.loss_agg, backend=L.backend)
+        metrics = {"divergence": m["divergence"]}
+        loss = d.coef * div_loss
+        if d.sinkhorn_coef:
+            sink = onepass.sinkhorn_distance(token_logits(h, hd.weight, hd.bias, micro.completion_mask),
+                                             token_logits(t_h, t_w, t_b, micro.completion_mask),
+                                             epsilon=d.sinkhorn_epsilon, n_iters=d.sinkhorn_iters,
+                                             temperature=d.sinkhorn_temperature, backend=L.backend)
+            loss = loss + d.sinkhorn_coef * sink
+            metrics["sinkhorn"] = sink.detach()
+        return loss, metrics
+
+
+ALGORITHMS = {"grpo": GRPO, "opd": OPD, "kdrl": KDRL, "offline": OfflineKD}

@@ -81,6 +81,33 @@ class ReferenceConfig:
 
 
 @dataclass
+class TeacherConfig:
+    path: Optional[str] = None            # a local Hugging Face model directory (same vocabulary as the student)
+    init: Optional[str] = None            # "tiny-arith-sft": a wider tiny model, SFT'd on the arith task,
+                                          # built into <output_dir>/teacher_model
+    init_hidden_size: int = 96            # tiny-arith-sft: the teacher's hidden size
+    init_sft_steps: int = 150             # tiny-arith-sft: full-batch SFT steps
+    device: Optional[str] = None          # where the teacher runs (e.g. "cuda:1", "cpu"); default: the student's
+
+
+@dataclass
+class DistillConfig:
+    divergence: str = "reverse_kl"        # any onepass.divergence kind (full vocabulary), or sampled_reverse_kl
+                                          # (the sampled-token OPD reward; G-OPD / ExOPD with reward_scale)
+    beta: float = 0.5                     # jsd's β
+    alpha: float = 0.5                    # alpha-divergence's α
+    reward_scale: float = 1.0             # G-OPD's λ (1: plain OPD, > 1: ExOPD); needs sampled_reverse_kl
+    temperature: float = 1.0              # softmax temperature of both models in the divergence
+    coef: float = 1.0                     # kdrl: weight of the divergence added to the GRPO loss;
+                                          # offline: weight of the divergence (0: SinKD alone)
+    completion_column: str = "completion" # offline: the data column with the fixed completions
+    sinkhorn_coef: float = 0.0            # offline: weight of SinKD's Sinkhorn distance over the batch's tokens
+    sinkhorn_epsilon: float = 0.1         # SinKD's entropic regularization ε
+    sinkhorn_iters: int = 20              # SinKD's Sinkhorn iterations
+    sinkhorn_temperature: float = 1.0     # SinKD's softmax temperature T
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     prompts_per_step: int = 8
@@ -122,11 +149,15 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha")
+DISTILLATION = ("opd", "kdrl", "offline")          # the algorithms that need a teacher
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.init": (None, "tiny-arith"),
@@ -135,9 +166,11 @@ CHOICES = {
     "advantage.estimator": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
     "advantage.scale": ("group", "batch", "none"),
     "loss.impl": ("fused", "naive"),
-    "loss.divergence": ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha"),
+    "loss.divergence": DIVERGENCES,
     "loss.loss_agg": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "optim.schedule": ("constant", "cosine"),
+    "teacher.init": (None, "tiny-arith-sft"),
+    "distill.divergence": DIVERGENCES + ("sampled_reverse_kl",),
 }
 POSITIVE = ("rollout.num_generations", "rollout.max_new_tokens", "rollout.temperature", "train.max_steps",
             "train.prompts_per_step", "train.ppo_epochs", "train.save_steps", "optim.lr", "data.task_size")
@@ -172,13 +205,36 @@ def validate(cfg: Config) -> Config:
                           f"the reverse KL), got loss.kl_estimator={cfg.loss.kl_estimator!r}")
     if cfg.loss.kl_estimator == "full" and cfg.loss.beta == 0:
         raise ConfigError("loss.kl_estimator: full is a penalty to the reference and needs loss.beta != 0")
-    if cfg.loss.beta == 0 and (cfg.reference.path or cfg.reference.soup):
+    if cfg.algorithm in DISTILLATION:
+        _validate_distill(cfg)
+    elif cfg.loss.beta == 0 and (cfg.reference.path or cfg.reference.soup):
         raise ConfigError("reference.path / reference.soup given but loss.beta is 0: no penalty would use it")
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine: vllm is not available in this version; use hf")
     if cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(f"optim.warmup_steps must be in [0, train.max_steps], got {cfg.optim.warmup_steps}")
     return cfg
+
+
+def _validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    if cfg.teacher.path is None and cfg.teacher.init is None:
+        raise ConfigError(f"teacher.path is required for {cfg.algorithm} (or teacher.init: tiny-arith-sft)")
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {d.temperature!r}")
+    if d.reward_scale != 1.0 and d.divergence != "sampled_reverse_kl":
+        raise ConfigError("distill.reward_scale (G-OPD's λ) applies to distill.divergence: sampled_reverse_kl, got "
+                          f"distill.divergence={d.divergence!r}")
+    if d.reward_scale == 1.0 and (cfg.reference.path or cfg.reference.soup) and cfg.algorithm == "opd":
+        raise ConfigError("reference.path given but distill.reward_scale is 1: plain OPD does not use a reference")
+    if cfg.algorithm in ("kdrl", "offline") and d.divergence == "sampled_reverse_kl":
+        raise ConfigError(f"distill.divergence for {cfg.algorithm} must be a full-vocabulary kind, got "
+                          "'sampled_reverse_kl'")
+    if cfg.algorithm == "offline" and cfg.rollout.num_generations != 1:
+        raise ConfigError("offline: rollout.num_generations must be 1 (one fixed completion per prompt), got "
+                          f"{cfg.rollout.num_generations}")
+    if cfg.algorithm == "offline" and d.coef == 0 and d.sinkhorn_coef == 0:
+        raise ConfigError("offline: distill.coef and distill.sinkhorn_coef are both 0: there is no loss")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **defaults) -> Config:

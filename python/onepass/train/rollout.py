@@ -67,3 +67,19 @@ def generate(model, tokenizer, texts: list[str], columns: dict[str, list], cfg: 
     completions = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(comp, cmask)]
     rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
     return Rollout(out, full_mask, cmask, p, rep(texts), completions, {c: rep(v) for c, v in columns.items()})
+
+
+def fixed_batch(tokenizer, texts: list[str], completions: list[str], columns: dict[str, list], device) -> Rollout:
+    """A batch of given completions (offline distillation, no sampling): left-padded prompts, then each
+    completion's tokens and EOS, right-padded."""
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=True)
+    comp_ids = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for c in completions]
+    c = max(len(x) for x in comp_ids)
+    comp = torch.full((len(texts), c), tokenizer.pad_token_id, dtype=torch.long)
+    for i, x in enumerate(comp_ids):
+        comp[i, :len(x)] = torch.tensor(x)
+    cmask = completion_mask(comp, tokenizer.eos_token_id)
+    ids = torch.cat([enc["input_ids"], comp], 1).to(device)
+    am = torch.cat([enc["attention_mask"], cmask.to(enc["attention_mask"].dtype)], 1).to(device)
+    return Rollout(ids, am, cmask.to(device), enc["input_ids"].shape[1], list(texts), list(completions), columns)

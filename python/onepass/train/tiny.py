@@ -60,3 +60,34 @@ def build_tiny_model(output_dir: str | Path, *, max_operand: int = 4, hidden_siz
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def arith_sft_batch(tokenizer, max_operand: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every "a + b = a+b <eos>" sequence of the task as (input_ids [N, 6], labels [N, 6], prompt tokens −100)."""
+    words = [f"{a} + {b} = {a + b} <eos>".split() for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in words])
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+def build_tiny_teacher(output_dir: str | Path, *, max_operand: int = 4, hidden_size: int = 96, sft_steps: int = 150,
+                       lr: float = 3e-3, seed: int = 0) -> Path:
+    """A tiny model (``build_tiny_model`` with ``hidden_size``) trained by ``sft_steps`` full-batch AdamW steps of
+    next-token cross-entropy on the answers of every arith prompt: a teacher that knows the task better than
+    a random student, for distillation examples and tests."""
+    from transformers import AutoModelForCausalLM
+
+    out = build_tiny_model(output_dir, max_operand=max_operand, hidden_size=hidden_size, seed=seed + 1)
+    tokenizer = build_tokenizer(arith_words(max_operand))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    ids, labels = arith_sft_batch(tokenizer, max_operand)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(sft_steps):
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+    model.save_pretrained(out)
+    return out

@@ -24,11 +24,10 @@ from . import checkpoint, modeling
 from .algorithms import ALGORITHMS
 from .config import Config, ConfigError, to_yaml
 from .data import PromptStream, check_context, load_rows, prompt_text
-from .rollout import Rollout, generate
-from .tiny import build_tiny_model
+from .rollout import Rollout
+from .tiny import build_tiny_model, build_tiny_teacher
 
 METRICS_FILE = "metrics.jsonl"
-PLOTTED = ("reward_mean", "kl", "entropy", "response_length")
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +61,7 @@ class Trainer:
         if cfg.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {cfg.algorithm!r}")
         self.algorithm = ALGORITHMS[cfg.algorithm]()
-        self.algorithm.setup(cfg, self.model, self.tokenizer, str(self.initial_path))
+        self.algorithm.setup(cfg, self.model, self.tokenizer, str(self.initial_path), self._teacher_path())
         self.rows = load_rows(cfg)
         self.texts = [prompt_text(r, cfg.data.prompt_column, self.tokenizer, cfg.data.chat_template) for r in self.rows]
         check_context(self.texts, self.tokenizer, cfg.rollout.max_new_tokens,
@@ -98,6 +97,18 @@ class Trainer:
             raise ConfigError(f"model.path {str(path)!r} is not a local model directory")
         return path
 
+    def _teacher_path(self) -> Optional[str]:
+        t = self.cfg.teacher
+        if t.init == "tiny-arith-sft":
+            path = self.out / "teacher_model"
+            if not (path / "config.json").exists():
+                build_tiny_teacher(path, max_operand=self.cfg.data.task_max_operand, hidden_size=t.init_hidden_size,
+                                   sft_steps=t.init_sft_steps, seed=self.cfg.seed)
+            return str(path)
+        if t.path is not None and not Path(t.path).is_dir():
+            raise ConfigError(f"teacher.path {t.path!r} is not a local model directory")
+        return t.path
+
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.load_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -124,7 +135,7 @@ class Trainer:
         idx = self.stream.take(self.cfg.train.prompts_per_step)
         cols = [c for c in self.rows[0] if c != self.cfg.data.prompt_column]
         columns = {c: [self.rows[i][c] for i in idx] for c in cols}
-        return generate(self.model, self.tokenizer, [self.texts[i] for i in idx], columns, self.cfg.rollout)
+        return self.algorithm.rollout(self.model, self.tokenizer, [self.texts[i] for i in idx], columns)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -204,7 +215,8 @@ class Trainer:
             m = self.train_step()
             self._log(m)
             bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.4f}" if m["kl"] is not None else "-",
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}" if m["reward_mean"] is not None else "-", kl=f"{m['kl']:.4f}" if m["kl"] is not None else "-",
+                            div=f"{m['divergence']:.4f}" if m.get("divergence") is not None else "-",
                             ent=f"{m.get('entropy', float('nan')):.3f}", clip=f"{m.get('clip_frac', 0):.3f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
             if cfg.logging.progress and cfg.rollout.completions_to_log and self.step % cfg.train.log_steps == 0:
@@ -214,7 +226,7 @@ class Trainer:
         bar.close()
         final = self.save_final()
         if cfg.logging.plots:
-            plot_metrics(self.out / METRICS_FILE, self.out / "plots.png")
+            plot_metrics(self.out / METRICS_FILE, self.out / "plots.png", self.algorithm.plotted)
         if self.tb is not None:
             self.tb.close()
         return final
@@ -224,16 +236,16 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def plot_metrics(metrics_file: Path, out_png: Path) -> None:
-    """reward, KL, entropy and response length vs step, one panel each (matplotlib, Agg backend)."""
+def plot_metrics(metrics_file: Path, out_png: Path, plotted=("reward_mean", "kl", "entropy", "response_length")) -> None:
+    """The ``plotted`` metrics vs step, one panel each (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_file)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.2 * len(PLOTTED), 2.6))
-    for ax, key in zip(axes, PLOTTED):
+    fig, axes = plt.subplots(1, len(plotted), figsize=(3.2 * len(plotted), 2.6))
+    for ax, key in zip(axes, plotted):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), lw=1.2)
