@@ -37,13 +37,15 @@ def _import_without_init(package: str, module: str):
     return importlib.import_module(module)
 
 
-def _stub(name: str, **attrs):
+def _stub(name: str, **attrs) -> bool:
+    """Put an empty module ``name`` in ``sys.modules`` unless it is imported or installed; True if added."""
     top = name.split(".")[0]
     if name in sys.modules or (top not in sys.modules and importlib.util.find_spec(top) is not None):
-        return  # already imported, or the real package is installed
+        return False  # already imported, or the real package is installed
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     sys.modules[name] = module
+    return True
 
 
 def _verl(module):
@@ -52,18 +54,23 @@ def _verl(module):
 
 
 def _openrlhf(module):
-    _stub("deepspeed")
-    _stub("flash_attn")
-    _stub("flash_attn.bert_padding", index_first_axis=None, pad_input=None, rearrange=None, unpad_input=None)
-    _stub("flash_attn.utils")
-    _stub("flash_attn.utils.distributed", all_gather=None)
-    if "openrlhf.models" not in sys.modules:
-        _import_without_init("openrlhf", "openrlhf")
-        spec = importlib.util.find_spec("openrlhf.models")
-        stub = types.ModuleType("openrlhf.models")
-        stub.__path__ = list(spec.submodule_search_locations)
-        sys.modules["openrlhf.models"] = stub
-    return _import_without_init("openrlhf", module)
+    """Import an OpenRLHF submodule with the stubs in ``sys.modules`` during the import only: left there,
+    a stub ``deepspeed`` makes transformers' ``find_spec("deepspeed")`` fail in later tests."""
+    stubs = {"deepspeed": {}, "flash_attn": {},
+             "flash_attn.bert_padding": dict(index_first_axis=None, pad_input=None, rearrange=None, unpad_input=None),
+             "flash_attn.utils": {}, "flash_attn.utils.distributed": dict(all_gather=None)}
+    added = [name for name, attrs in stubs.items() if _stub(name, **attrs)]
+    try:
+        if "openrlhf.models" not in sys.modules:
+            _import_without_init("openrlhf", "openrlhf")
+            spec = importlib.util.find_spec("openrlhf.models")
+            stub = types.ModuleType("openrlhf.models")
+            stub.__path__ = list(spec.submodule_search_locations)
+            sys.modules["openrlhf.models"] = stub
+        return _import_without_init("openrlhf", module)
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def _inputs(dtype, n=(3, 7), d=20, v=131, seed=0):
