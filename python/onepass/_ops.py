@@ -192,25 +192,22 @@ def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stat
                           alpha, needs):
     """Gradients (dha, dwa, dbias_a, dhb, dwb, dbias_b) from upstream grads [N, 4]; ``needs`` is the
     6-tuple of which are wanted (absent ones are None)."""
+    mod = launcher(backend)
+    if backend == "triton":  # row and vocab passes over one bounded dL/dlogits slab, no fp32 dW accumulator
+        return mod.linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+                                          beta, alpha, needs)
     n, v = ha.shape[0], wa.shape[0]
     acc_a = LinearGradAccumulator(ha, wa, bias_a, *needs[0:3])
     acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
     need_a = any(needs[0:3])
     need_b = hb is not None and any(needs[3:6])
     step = _rows_per_chunk(ha, v)
-    mod = launcher(backend)
-    if backend != "triton":
-        logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
+    logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
     for s in range(0, n, step):
         e = min(n, s + step)
         t = targets[s:e] if targets is not None else None
-        if backend == "triton":  # recomputes the logits tile by tile inside the kernel
-            dza, dzb = mod.linear_vocab_grad_logits(ha[s:e], wa, bias_a, hb[s:e] if hb is not None else None, wb,
-                                                    bias_b, t, stats[s:e], grads[s:e], inv_temp, kind, beta,
-                                                    alpha, need_a, need_b)
-        else:
-            dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
-                                           stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
+        dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
+                                       stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
         acc_a.add(s, e, dza)
         if acc_b is not None:
             acc_b.add(s, e, dzb)
