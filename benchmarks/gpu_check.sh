@@ -14,6 +14,7 @@
 #   3. smoke tests: tests/test_gpu_smoke.py (every Triton vocab-stats variant once), the CUDA
 #      backend at V=1000 in every dtype x kind, the GPU advantages tests; pytest-xdist when there
 #                                                                        cap 100 s
+#      then the Triton fused-linear backward vs float64 (tests/test_linear_backward_triton.py)  cap 40 s
 #   4. benchmark linear_logprobs at N=16384, D=4096, bf16: onepass, naive, Liger FLCE, Cut
 #      Cross-Entropy, then torch.compile(naive)                          cap 140 s (rest of budget)
 #   5. ahead-of-time compile table on this Triton (registers, spills, shared memory)  what is left
@@ -89,6 +90,8 @@ timeout -s INT -k 15 "$(cap 100 150)" $PY -m pytest -m gpu -q -rfE -p no:cachepr
   "tests/test_vocab_stats_cuda.py::test_matches_reference" -k "smoke or advantages or 1000" \
   > "$OUT/pytest.log" 2>&1
 RC_TEST=$?
+timeout -k 5 "$(cap 40 150)" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_linear_backward_triton.py \
+  >> "$OUT/pytest.log" 2>&1 || RC_TEST="$RC_TEST+bwd$?"
 say "pytest rc=$RC_TEST (124/130: cut by the time budget)"
 tail -n 15 "$OUT/pytest.log" >> "$OUT/summary.txt"
 
