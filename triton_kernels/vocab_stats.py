@@ -71,10 +71,12 @@ def _g(base, lbase, x, c):
 @triton.jit
 def _j(x, w):
     """log(w exp(x) + 1 - w) for 0 < w < 1, exact 0 at x = 0, no overflow for large x."""
-    small = _log1p(w * _expm1(tl.minimum(x, 0.0)))
+    # x <= 0: log1p(w expm1(x));  x > 0: x + log w + log1p((1 - w)/w exp(-x)).  The branch is chosen
+    # before the one log1p (fewer live temporaries in the jsd epilogue).
+    neg = x <= 0.0
     xp = tl.maximum(x, 0.0)
-    large = xp + tl.log(w) + _log1p((1.0 - w) / w * tl.exp(-xp))
-    return tl.where(x <= 0.0, small, large)
+    arg = tl.where(neg, w * _expm1(tl.minimum(x, 0.0)), (1.0 - w) / w * tl.exp(-xp))
+    return _log1p(arg) + tl.where(neg, 0.0, xp + tl.log(w))
 
 
 @triton.jit
@@ -153,7 +155,9 @@ def _logit_tile(X, H, W, BIAS, rows, cols, row_mask, col_mask, stride_x, D, inv_
             h = tl.load(H + rows[:, None] * D + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(W + cols[None, :] * D + ks[:, None], mask=col_mask[None, :] & kmask[:, None], other=0.0)
             if DOT_F32:
-                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                # 3xTF32 (hi·hi + hi·lo + lo·hi on the tensor cores): fp32-level accuracy; the "ieee"
+                # FMA dot spilled in the K-loop on sm_90 (aot_check)
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32x3")
             else:
                 acc = tl.dot(h, w, acc)
         if HAS_BIAS:
@@ -353,10 +357,20 @@ def _blocks_logits(n: int, v: int) -> tuple[int, int]:
     return block_n, block_v
 
 
-def _blocks_linear(d: int) -> tuple[int, int, int]:
+def _blocks_linear(d: int, kind: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D) of the fused-linear kernels.  The divergences that need a second
+    sweep (kind >= Kind.JSD) keep la, lb, p, q and their φ terms live at once: half as wide a vocab tile keeps
+    them in registers on sm_90 (aot_check), at the cost of smaller GEMM tiles for those kinds."""
     if _interpreting():
         return 16, 128, min(64, max(16, triton.next_power_of_2(d)))
-    return 64, 128, 64
+    return 64, (64 if kind >= Kind.JSD else 128), 64
+
+
+def _num_warps(two_models: bool) -> int:
+    """Warps per program: 8 when a second model's tiles (and the divergence epilogue on both) are live,
+    so that each thread holds half as many tile elements; with 4, the two-model kernels spill on sm_90
+    (``python -m onepass.triton_kernels.aot_check``)."""
+    return 8 if two_models else 4
 
 
 def _empty_stats(n: int, device) -> torch.Tensor:
@@ -378,7 +392,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
         n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0, float(inv_temp), float(beta), float(alpha),
         LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
         KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=True,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16, num_warps=_num_warps(b is not None),
     )
     return stats
 
@@ -401,14 +415,14 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
         float(inv_temp), float(beta), float(alpha),
         LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
         KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None, DOT_F32=True,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16, num_warps=_num_warps(b is not None),
     )
     return ga, gb
 
 
 def _dot_f32(h: torch.Tensor) -> bool:
-    # fp32 operands: exact IEEE products (TF32 would change the numbers); in the interpreter every
-    # dot runs in fp32 since bf16 tl.dot is broken there (DESIGN.md §4).
+    # fp32 operands: 3xTF32 products (fp32-level accuracy; plain TF32 would lose 13 mantissa bits); in
+    # the interpreter every dot runs in fp32 since bf16 tl.dot is broken there (DESIGN.md §4).
     return h.dtype == torch.float32 or _interpreting()
 
 
@@ -420,7 +434,7 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, ki
     stats = _empty_stats(n, ha.device)
     if n == 0:
         return stats
-    block_n, block_v, block_d = _blocks_linear(d)
+    block_n, block_v, block_d = _blocks_linear(d, int(kind))
     dummy = ha
     two = hb is not None
     _vocab_stats_fwd_kernel[(triton.cdiv(n, block_n),)](
@@ -430,7 +444,7 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, ki
         n, v, d, hb.shape[1] if two else 0, 0, 0, float(inv_temp), float(beta), float(alpha),
         LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
         HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=_dot_f32(ha),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two),
     )
     return stats
 
@@ -439,14 +453,23 @@ def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, gra
                              alpha, need_grad_a, need_grad_b):
     """dL/dlogits for a block of rows, recomputed tile by tile from hidden @ weight.T: the chunk-sized
     gradient buffers are the only [rows, V] memory (the logits are never stored)."""
+    n = ha.shape[0]
+    v = wa.shape[0]
+    ga = torch.empty((n, v), dtype=ha.dtype, device=ha.device) if need_grad_a else None
+    gb = torch.empty((n, v), dtype=hb.dtype, device=hb.device) if (need_grad_b and hb is not None) else None
+    _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha, ga, gb)
+    return ga, gb
+
+
+def _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha, ga, gb):
+    """Write dL/dlogits [n, V] of model a into ``ga`` and of model b into ``gb`` (either may be None;
+    each a row-major view with unit column stride)."""
     n, d = ha.shape
     v = wa.shape[0]
     two = hb is not None
-    ga = torch.empty((n, v), dtype=ha.dtype, device=ha.device) if need_grad_a else None
-    gb = torch.empty((n, v), dtype=hb.dtype, device=hb.device) if (need_grad_b and two) else None
-    if n == 0 or (ga is None and gb is None):
-        return ga, gb
-    block_n, block_v, block_d = _blocks_linear(d)
+    if n == 0 or v == 0 or (ga is None and gb is None):
+        return
+    block_n, block_v, block_d = _blocks_linear(d, int(kind))
     dummy = ha
     _vocab_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(v, block_v))](
         dummy, dummy, ha, wa, bias_a if bias_a is not None else dummy,
@@ -457,6 +480,80 @@ def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, gra
         float(inv_temp), float(beta), float(alpha),
         LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
         HAS_T=targets is not None, KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None,
-        DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two),
     )
-    return ga, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused-linear backward within a fixed scratch bound (docs/gpu.md, "Fused-linear backward").
+# ----------------------------------------------------------------------------------------------
+#: Bytes of the one dL/dlogits slab of the fused-linear backward (reused by every chunk): with the
+#: per-row and per-vocab scalars it keeps the backward's extra memory under 64 MiB at any shape.
+DZ_SLAB_BYTES = 56 * 2 ** 20
+
+
+def _vocab_chunk_targets(targets, c0: int, c1: int):
+    """Targets relative to the vocab columns [c0, c1): ignored rows stay negative, a target outside
+    the chunk becomes c1 - c0 (a column the chunk does not have, so it never matches)."""
+    if targets is None:
+        return None
+    inside = (targets >= c0) & (targets < c1)
+    return torch.where(targets < 0, targets, torch.where(inside, targets - c0, c1 - c0)).contiguous()
+
+
+def linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha,
+                           needs):
+    """(dha, dwa, dbias_a, dhb, dwb, dbias_b) of the fused-linear vocab stats; ``needs`` says which
+    (absent ones are None).  Gradients are in their input's dtype; deterministic (no atomics).
+
+    dz = dL/dlogits is recomputed tile by tile by ``_vocab_grad_kernel`` into one slab of at most
+    ``DZ_SLAB_BYTES`` in the input dtype, in two passes:
+      - row pass (for dh): chunks of R = slab / (V·size) rows, dh[rows] = dz[rows, :] @ w
+        (a GEMM with K = V; one write of dh, in its dtype);
+      - vocab pass (for dw, dbias): chunks of C = slab / (N·size) vocab columns over all N rows,
+        dw[cols] = dz[:, cols]ᵀ @ h (K = N: the whole token reduction inside one GEMM, fp32
+        accumulation, one write in the weight's dtype), dbias[cols] = Σ_rows dz (fp32).
+    Cost: 5 GEMM-equivalents (2 recomputes, dh, dw) against 4 for a backward that keeps an fp32 dW
+    accumulator of V·D·4 bytes; extra memory: the slab, targets per vocab chunk (N int64), the fp32
+    bias-gradient chunk.
+    """
+    models = [(ha, wa, bias_a, needs[0:3])]
+    if hb is not None:
+        models.append((hb, wb, bias_b, needs[3:6]))
+    n, v = ha.shape[0], wa.shape[0]
+    size = ha.element_size()
+    slab = torch.empty(max(DZ_SLAB_BYTES // size, n, v), dtype=ha.dtype, device=ha.device)  # >= 1 row/column
+    out = []
+    for side, (h, w, bias, (need_h, need_w, need_bias)) in enumerate(models):
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.empty_like(w) if need_w else None
+        dbias = torch.empty_like(bias) if (need_bias and bias is not None) else None
+
+        def grad_logits(rows: slice, cols: slice, t, dz):
+            """dz of this side for rows x vocab columns (both models' weights cut to those columns)."""
+            cut = lambda x: x[cols] if x is not None else None  # noqa: E731
+            _launch_linear_grad(ha[rows], wa[cols], cut(bias_a), hb[rows] if hb is not None else None, cut(wb),
+                                cut(bias_b), t, stats[rows], grads[rows], inv_temp, kind, beta, alpha,
+                                dz if side == 0 else None, dz if side == 1 else None)
+
+        if dh is not None:
+            step = max(1, DZ_SLAB_BYTES // (max(v, 1) * size))
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                dz = slab[: (r1 - r0) * v].view(r1 - r0, v)
+                grad_logits(slice(r0, r1), slice(None), targets[r0:r1] if targets is not None else None, dz)
+                torch.mm(dz, w, out=dh[r0:r1])
+        if dw is not None or dbias is not None:
+            step = max(1, DZ_SLAB_BYTES // (max(n, 1) * size))
+            for c0 in range(0, v, step):
+                c1 = min(v, c0 + step)
+                dz = slab[: n * (c1 - c0)].view(n, c1 - c0)
+                grad_logits(slice(None), slice(c0, c1), _vocab_chunk_targets(targets, c0, c1), dz)
+                if dw is not None:
+                    torch.mm(dz.T, h, out=dw[c0:c1])
+                if dbias is not None:
+                    dbias[c0:c1] = dz.sum(0, dtype=torch.float32)
+        out += [dh, dw, dbias]
+    if hb is None:
+        out += [None, None, None]
+    return tuple(out)

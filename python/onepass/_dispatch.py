@@ -30,8 +30,10 @@ class Cap(enum.Flag):
     NONE = 0
     #: Plain differentiable torch: called directly, differentiated by autograd (no custom op).
     AUTOGRAD = enum.auto()
-    #: ``linear_vocab_stats_fwd`` / ``linear_vocab_grad_logits``: logits computed tile by tile in the kernel.
+    #: ``linear_vocab_stats_fwd``: logits computed tile by tile in the kernel (forward).
     LINEAR_KERNEL = enum.auto()
+    #: ``linear_vocab_stats_bwd``: the launcher owns the whole fused-linear backward (all six gradients).
+    LINEAR_BACKWARD = enum.auto()
     #: Chunked fused-linear losses with forward and backward in the same pass (``_ops.fused_loss``).
     ONE_PASS_LOSS = enum.auto()
     #: Computes in float64 (the GPU kernels compute in fp32 only).
@@ -39,7 +41,7 @@ class Cap(enum.Flag):
 
 
 LAUNCHERS: dict[tuple[str, str], tuple[str, Cap]] = {
-    ("vocab_stats", "triton"): ("onepass.triton_kernels.vocab_stats", Cap.LINEAR_KERNEL),
+    ("vocab_stats", "triton"): ("onepass.triton_kernels.vocab_stats", Cap.LINEAR_KERNEL | Cap.LINEAR_BACKWARD),
     ("vocab_stats", "cuda"): ("onepass.backends.cuda.vocab_stats", Cap.ONE_PASS_LOSS),
     ("vocab_stats", "cpu"): ("onepass.backends.cpu.vocab_stats", Cap.ONE_PASS_LOSS | Cap.FLOAT64),
     ("vocab_stats", "torch"): ("onepass.backends.torch.vocab_stats", Cap.AUTOGRAD | Cap.FLOAT64),

@@ -11,9 +11,11 @@ appears outside ``onepass._contract``.  Behind them:
 
 The fused-linear path of launchers without ``Cap.LINEAR_KERNEL`` (cpu, cuda) is chunked over rows: a
 chunk's logits are computed by a matrix product and streamed through the logits kernel; with
-``Cap.LINEAR_KERNEL`` (triton) the kernel computes them tile by tile.  In the backward every backend
-turns a chunk of rows into dL/dlogits (the only [rows, V] buffer, bounded by ``CHUNK_BYTES``) and
-applies it to the hidden states and the weight with matrix products: deterministic, no atomics.
+``Cap.LINEAR_KERNEL`` (triton) the kernel computes them tile by tile.  In the backward a launcher with
+``Cap.LINEAR_BACKWARD`` (triton: row and vocab passes over one bounded dL/dlogits slab, no fp32 dW
+accumulator) computes all six gradients itself; the others turn a chunk of rows into dL/dlogits (the
+only [rows, V] buffer, bounded by ``CHUNK_BYTES``) and apply it to the hidden states and the weight
+with matrix products here.  Both are deterministic, without atomics.
 """
 from __future__ import annotations
 
@@ -187,26 +189,22 @@ def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stat
                           alpha, needs):
     """Gradients (dha, dwa, dbias_a, dhb, dwb, dbias_b) from upstream grads [N, NUM_GRADS]; ``needs`` is the
     6-tuple of which are wanted (absent ones are None)."""
+    mod = _launcher(backend)
+    if has(FAMILY, backend, Cap.LINEAR_BACKWARD):
+        return mod.linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+                                          beta, alpha, needs)
     n, v = ha.shape[0], wa.shape[0]
     acc_a = LinearGradAccumulator(ha, wa, bias_a, *needs[0:3])
     acc_b = LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]) if hb is not None else None
     need_a = any(needs[0:3])
     need_b = hb is not None and any(needs[3:6])
     step = _rows_per_chunk(ha, v)
-    mod = _launcher(backend)
-    in_kernel = has(FAMILY, backend, Cap.LINEAR_KERNEL)
-    if not in_kernel:
-        logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
+    logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
     for s in range(0, n, step):
         e = min(n, s + step)
         t = targets[s:e] if targets is not None else None
-        if in_kernel:  # recomputes the logits tile by tile inside the kernel
-            dza, dzb = mod.linear_vocab_grad_logits(ha[s:e], wa, bias_a, hb[s:e] if hb is not None else None, wb,
-                                                    bias_b, t, stats[s:e], grads[s:e], inv_temp, kind, beta,
-                                                    alpha, need_a, need_b)
-        else:
-            dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
-                                           stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
+        dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
+                                       stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
         acc_a.add(s, e, dza)
         if acc_b is not None:
             acc_b.add(s, e, dzb)
