@@ -140,6 +140,27 @@ def test_new_temperature_or_beta_does_not_recompile():
     assert counter.frame_count == 2
 
 
+# 6. likewise for a new temperature or epsilon of sinkhorn_distance (1/T reaches the cost op as a tensor,
+# epsilon the plain-torch iterations as a symbolic float), forward and backward; the aot_eager backend runs
+# torch.compile's float-to-tensor pass, which specializes a float it cannot keep symbolic.
+def test_new_sinkhorn_temperature_or_epsilon_does_not_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    a = torch.randn(7, 37, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 37, dtype=torch.float64, requires_grad=True)
+
+    def value_and_grads(fn, temp, eps):
+        value = fn(a, b, temperature=temp, epsilon=eps, group_size=3, backend="cpu")
+        return (value, *torch.autograd.grad(value, (a, b)))
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(onepass.sinkhorn_distance, backend=counter, fullgraph=True)
+    for temp, eps in ((0.7, 0.1), (0.9, 0.2), (1.3, 0.05), (1.7, 0.3)):
+        torch.testing.assert_close(value_and_grads(compiled, temp, eps),
+                                   value_and_grads(onepass.sinkhorn_distance, temp, eps))
+    assert counter.frame_count == 2
+
+
 # 7. group advantages of rewards near the float32 limit.
 @pytest.mark.parametrize("backend,device", [p for p in backend_cases(("triton", "cpu", "torch")) if p.values[1] == "cpu"])
 def test_group_advantages_huge_rewards(backend, device):

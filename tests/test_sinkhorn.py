@@ -74,7 +74,8 @@ def test_plan_and_value_match_pot(cost, epsilon, n_iters):
 def test_marginals_fp32(backend):
     g = 8
     a, b = _logits(g, 64), _logits(g, 64)
-    planes, _ = torch.ops.onepass.sinkhorn_cost(a, b, 1.0, g, 0, backend) if backend != "torch" else (None, None)
+    inv_temp = torch.tensor([1.0], dtype=torch.float64)
+    planes, _ = torch.ops.onepass.sinkhorn_cost(a, b, inv_temp, g, 0, backend) if backend != "torch" else (None, None)
     c = planes[0].float().cpu() if planes is not None else _cost(a.cpu(), b.cpu(), "l1").float()
     _, plan, _ = log_sinkhorn(c, 0.1, 20)
     torch.testing.assert_close(plan.sum(0), torch.full((g,), 1.0 / g), rtol=0, atol=1e-5)  # last step: columns
@@ -226,9 +227,10 @@ def test_leading_dims_tol_and_small_epsilon():
 
 def test_custom_ops_opcheck_and_compile():
     a, b = _logits(6, 40).requires_grad_(), _logits(6, 40).requires_grad_()
+    inv_temp = torch.tensor([0.5], dtype=torch.float64)
     for be in [x for x in BACKENDS if x != "torch"]:
         for kind in (0, 1, 2):
-            torch.library.opcheck(torch.ops.onepass.sinkhorn_cost.default, (a, b, 0.5, 4, kind, be))
+            torch.library.opcheck(torch.ops.onepass.sinkhorn_cost.default, (a, b, inv_temp, 4, kind, be))
     be = BACKENDS[0]
     fn = torch.compile(lambda x, y: sinkhorn_distance(x, y, group_size=4, backend=be), fullgraph=True)
     got = fn(a, b)

@@ -26,7 +26,7 @@ def _check_positive(name: str, value, allow_none: bool = False) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
-    if not (v > 0.0) or math.isinf(v):
+    if not 0.0 < v < math.inf:  # also rejects NaN; a plain comparison traces under torch.compile
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
 

@@ -13,6 +13,10 @@ stats dtype, ``kind`` a ``_contract.Cost``:
   backward, without another sweep);
 - ``sinkhorn_grad(x, y, lse_x, lse_y, gm, sx, rsx, inv_temp, group_size, kind) -> dL/dx`` [N, V]: one
   side of the backward; the teacher side passes (b, a) and the transposed upstream matrix.
+
+The custom ops take 1/T as a float64 CPU tensor ``hyper`` [1] (read back with ``.item()`` inside the op,
+so the launchers get a Python float): under torch.compile a new temperature is a new input, not a
+recompile (a float argument of a custom op is specialized); the same convention as the vocab-stats ops.
 """
 from __future__ import annotations
 
@@ -46,16 +50,23 @@ def _lse(a, b, inv_temp, backend):
     return stats[:, [Stat.LSE_A, Stat.LSE_B]].T.contiguous()
 
 
+def _hyper(inv_temp: float) -> torch.Tensor:
+    """1/T as the float64 CPU tensor [1] the custom ops take (built as ones * 1/T, which torch.compile's
+    float-to-tensor pass keeps symbolic; torch.tensor([1/T]) would specialize the value)."""
+    return torch.ones(1, dtype=torch.float64) * inv_temp
+
+
 @torch.library.custom_op("onepass::sinkhorn_cost", mutates_args=())
-def _sinkhorn_cost_op(a: torch.Tensor, b: torch.Tensor, inv_temp: float, group_size: int, kind: int,
+def _sinkhorn_cost_op(a: torch.Tensor, b: torch.Tensor, hyper: torch.Tensor, group_size: int, kind: int,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Banded planes [3, N, G] = (C, A, B) and lse [2, N].  Only plane C is differentiable (A, B, lse are auxiliary outputs for the backward)."""
+    inv_temp = hyper.item()
     lse = _lse(a, b, inv_temp, backend)
     return launcher(FAMILY, backend).sinkhorn_cost(a, b, lse[0], lse[1], inv_temp, group_size, kind), lse
 
 
 @_sinkhorn_cost_op.register_fake
-def _(a, b, inv_temp, group_size, kind, backend):
+def _(a, b, hyper, group_size, kind, backend):
     dt = stats_dtype(a)
     n = a.shape[0]
     return a.new_empty((3, n, group_size), dtype=dt), a.new_empty((2, n), dtype=dt)
@@ -63,10 +74,11 @@ def _(a, b, inv_temp, group_size, kind, backend):
 
 @torch.library.custom_op("onepass::sinkhorn_cost_backward", mutates_args=())
 def _sinkhorn_cost_backward_op(a: torch.Tensor, b: torch.Tensor, lse: torch.Tensor, planes: torch.Tensor,
-                           grad_cost: torch.Tensor, inv_temp: float, group_size: int, kind: int, backend: str,
+                           grad_cost: torch.Tensor, hyper: torch.Tensor, group_size: int, kind: int, backend: str,
                            need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/da, dL/db) in the input dtype from the banded upstream dL/dC [N, G] (an empty tensor for a
     side that is not needed)."""
+    inv_temp = hyper.item()
     g = int(group_size)
     mod = launcher(FAMILY, backend)
 
@@ -83,25 +95,25 @@ def _sinkhorn_cost_backward_op(a: torch.Tensor, b: torch.Tensor, lse: torch.Tens
 
 
 @_sinkhorn_cost_backward_op.register_fake
-def _(a, b, lse, planes, grad_cost, inv_temp, group_size, kind, backend, need_a, need_b):
+def _(a, b, lse, planes, grad_cost, hyper, group_size, kind, backend, need_a, need_b):
     return (torch.empty_like(a) if need_a else a.new_empty(0)), (torch.empty_like(b) if need_b else b.new_empty(0))
 
 
 def _cost_setup_context(ctx, inputs, output):
-    a, b, inv_temp, group_size, kind, backend = inputs
+    a, b, hyper, group_size, kind, backend = inputs
     planes, lse = output
-    ctx.save_for_backward(a, b, lse, planes)
-    ctx.args = (inv_temp, group_size, kind, backend)
+    ctx.save_for_backward(a, b, lse, planes, hyper)
+    ctx.args = (group_size, kind, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _cost_backward(ctx, grad_planes, grad_lse):
-    a, b, lse, planes = ctx.saved_tensors
-    inv_temp, group_size, kind, backend = ctx.args
+    a, b, lse, planes, hyper = ctx.saved_tensors
+    group_size, kind, backend = ctx.args
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_planes is None or not (need_a or need_b):
         return None, None, None, None, None, None
-    ga, gb = _sinkhorn_cost_backward_op(a, b, lse, planes, grad_planes[0], inv_temp, group_size, kind, backend,
+    ga, gb = _sinkhorn_cost_backward_op(a, b, lse, planes, grad_planes[0], hyper, group_size, kind, backend,
                                     need_a, need_b)
     return (ga if need_a else None), (gb if need_b else None), None, None, None, None
 
@@ -140,7 +152,7 @@ def sinkhorn_value(a: torch.Tensor, b: torch.Tensor, *, inv_temp: float, group_s
         c = launcher(FAMILY, backend).sinkhorn_cost(a, b, lse[:, Stat.LSE_A], lse[:, Stat.LSE_B], inv_temp,
                                                     group_size, cost)[0]
     else:
-        c = _sinkhorn_cost_op(a, b, inv_temp, group_size, cost, backend)[0][0]
+        c = _sinkhorn_cost_op(a, b, _hyper(inv_temp), group_size, cost, backend)[0][0]
     n, g = c.shape
     full = n // g
     values = []
