@@ -119,10 +119,10 @@ def test_errors_name_the_argument():
 # 6. a new temperature or beta does not recompile: the first call compiles with the value as a constant,
 # the second (torch's automatic dynamic) with it as an input; further values reuse that graph.
 def test_new_temperature_or_beta_does_not_recompile():
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     x, t = torch.randn(3, 29), torch.randint(0, 29, (3,))
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")  # runs the float-to-tensor pass
     f = torch.compile(lambda x, t, temp: onepass.token_logprobs(x, t, temperature=temp, backend="cpu"),
                       backend=counter, fullgraph=True)
     for temp in (0.7, 0.9, 1.3, 1.7):
@@ -130,7 +130,7 @@ def test_new_temperature_or_beta_does_not_recompile():
     assert counter.frame_count == 2
     h, w, y, mask = _loss_inputs()
     adv, ref = torch.randn(2), torch.randn(2, 5) - 3.0
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")  # runs the float-to-tensor pass
     g = torch.compile(lambda h, beta, temp: onepass.grpo_loss(h, w, y, adv, mask=mask, ref_logp=ref, beta=beta,
                                                               temperature=temp, backend="cpu")[0],
                       backend=counter, fullgraph=True)

@@ -108,6 +108,14 @@ def kernel_kind(name: str, beta: float, alpha: float) -> tuple[Kind, float, floa
     return kind, beta, alpha
 
 
+def hyperparameters(*values: float) -> Tensor:
+    """Continuous hyperparameters (1/T, β, α, ...) as the float64 CPU tensor [len(values)] the custom ops
+    take: a float argument of a custom op is specialized (a new value recompiles under torch.compile),
+    a tensor input is not.  Built as ``ones * value``, which torch.compile's float-to-tensor pass keeps
+    symbolic (``torch.tensor([value])`` would bake the value into the graph)."""
+    return torch.cat([torch.ones(1, dtype=torch.float64) * v for v in values])
+
+
 def stats_dtype(x: Tensor) -> torch.dtype:
     """Stats (and every op output) are float32, or float64 for float64 inputs."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._contract import Stat, stats_dtype
+from .._contract import Stat, hyperparameters, stats_dtype
 from .._dispatch import Cap, has, launcher
 
 FAMILY = "sinkhorn"
@@ -48,12 +48,6 @@ def _lse(a, b, inv_temp, backend):
     """[2, N] log-sum-exps of a/T and b/T from the same backend's vocab-stats forward."""
     stats = launcher("vocab_stats", backend).vocab_stats_fwd(a, b, None, float(inv_temp), 0, 0.0, 0.0, False)
     return stats[:, [Stat.LSE_A, Stat.LSE_B]].T.contiguous()
-
-
-def _hyper(inv_temp: float) -> torch.Tensor:
-    """1/T as the float64 CPU tensor [1] the custom ops take (built as ones * 1/T, which torch.compile's
-    float-to-tensor pass keeps symbolic; torch.tensor([1/T]) would specialize the value)."""
-    return torch.ones(1, dtype=torch.float64) * inv_temp
 
 
 @torch.library.custom_op("onepass::sinkhorn_cost", mutates_args=())
@@ -152,7 +146,7 @@ def sinkhorn_value(a: torch.Tensor, b: torch.Tensor, *, inv_temp: float, group_s
         c = launcher(FAMILY, backend).sinkhorn_cost(a, b, lse[:, Stat.LSE_A], lse[:, Stat.LSE_B], inv_temp,
                                                     group_size, cost)[0]
     else:
-        c = _sinkhorn_cost_op(a, b, _hyper(inv_temp), group_size, cost, backend)[0][0]
+        c = _sinkhorn_cost_op(a, b, hyperparameters(inv_temp), group_size, cost, backend)[0][0]
     n, g = c.shape
     full = n // g
     values = []

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._contract import GRAD_STATS, NUM_STATS, Kind, VocabStats, stats_dtype
+from .._contract import GRAD_STATS, NUM_STATS, Kind, VocabStats, hyperparameters, stats_dtype
 from .._dispatch import Cap, has, launcher
 
 #: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient), per
@@ -274,12 +274,6 @@ def rows(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _hyper(inv_temp: float, beta: float, alpha: float) -> Tensor:
-    """The continuous hyperparameters as one float64 CPU tensor: under torch.compile a new value is a new
-    input, not a recompile (a float argument of a custom op is specialized)."""
-    return torch.tensor([inv_temp, beta, alpha], dtype=torch.float64)
-
-
 def _flat(targets: Optional[Tensor]) -> Optional[Tensor]:
     return None if targets is None else targets.reshape(-1).contiguous()
 
@@ -296,7 +290,8 @@ def vocab_stats(a: Tensor, b: Optional[Tensor] = None, *, targets: Optional[Tens
     if has(FAMILY, backend, Cap.AUTOGRAD):
         stats = _launcher(backend).vocab_stats_fwd(a, b, targets, inv_temp, int(kind), beta, alpha, need_entropy)
     else:
-        stats = _vocab_stats_op(a, b, targets, int(kind), _hyper(inv_temp, beta, alpha), bool(need_entropy), backend)
+        stats = _vocab_stats_op(a, b, targets, int(kind), hyperparameters(inv_temp, beta, alpha),
+                                bool(need_entropy), backend)
     return VocabStats(stats).view(*lead)
 
 
@@ -317,6 +312,6 @@ def linear_vocab_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = 
         stats = _launcher(backend).linear_vocab_stats_fwd(*models, _flat(targets), inv_temp, int(kind), beta, alpha,
                                                           need_entropy)
     else:
-        stats = _linear_vocab_stats_op(*models, _flat(targets), int(kind), _hyper(inv_temp, beta, alpha),
+        stats = _linear_vocab_stats_op(*models, _flat(targets), int(kind), hyperparameters(inv_temp, beta, alpha),
                                        bool(need_entropy), backend)
     return VocabStats(stats).view(*lead)
