@@ -8,6 +8,8 @@ GRPO, on-policy distillation (OPD, G-OPD / ExOPD: a frozen teacher in ``setup``,
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import replace
 from typing import Optional
 
@@ -20,26 +22,27 @@ from .config import Config
 from .rollout import Rollout, fixed_batch, generate
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Interface of a training algorithm (see the module docstring)."""
 
     name = "base"
     plotted = ("reward_mean", "kl", "entropy", "response_length")   # the panels of plots.png
 
+    @abc.abstractmethod
     def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
-        raise NotImplementedError
+        """Load what the algorithm needs besides the policy (rewards, reference, teacher)."""
 
     def rollout(self, model, tokenizer, texts: list[str], columns: dict[str, list]) -> Rollout:
         """The step's batch: ``rollout.num_generations`` samples per prompt (offline algorithms override it)."""
         return generate(model, tokenizer, texts, columns, self.cfg.rollout)
 
+    @abc.abstractmethod
     def prepare(self, model, batch: Rollout) -> dict:
         """Fill ``batch.extras`` with per-sequence / per-token tensors; return step metrics (floats)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, model, micro: Rollout) -> tuple[torch.Tensor, dict]:
         """(scalar loss of the micro-batch with its own aggregation, metrics of detached scalars)."""
-        raise NotImplementedError
 
 
 def completion_hidden(model, batch: Rollout) -> torch.Tensor:
