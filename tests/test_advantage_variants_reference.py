@@ -21,7 +21,8 @@ import torch
 
 from onepass.reference import advantage_variants as av
 
-from test_policy_variants_reference import _close, _import_bypassing_init, _import_verl
+from _peers import import_peer
+from test_policy_variants_reference import _close, _import_verl
 
 F64 = torch.float64
 
@@ -40,7 +41,7 @@ def _batch(seed, B=13, T=9, singletons=True):
 
 @pytest.fixture(scope="module")
 def verl_core():
-    return _import_bypassing_init("verl", ["ray"], _import_verl).core
+    return import_peer("verl", ["ray"], _import_verl).core
 
 
 def _per_token(adv, mask):

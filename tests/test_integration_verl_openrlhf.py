@@ -1,20 +1,14 @@
 """onepass.integrations.verl / .openrlhf against the installed verl 0.9 and OpenRLHF 0.11 functions.
 
 What runs here (CPU, no Ray / vLLM / DeepSpeed / flash-attn): verl's and OpenRLHF's pure-PyTorch functions,
-imported from the installed packages without their package ``__init__`` (verl's imports Ray through
-``DataProto``; OpenRLHF's ``models/__init__`` pulls DeepSpeed-dependent trainers).  ``_import_without_init``
-registers an empty package object pointing at the installed directory, so only the named submodule and its
-own imports run.  Two imports that the exercised code never calls are stubbed, in ``sys.modules`` only and
-only if absent: ``deepspeed`` (used by OpenRLHF's ZeRO-3 helpers) and ``flash_attn.bert_padding`` /
-``flash_attn.utils.distributed`` (OpenRLHF's packed-sequence path, which the integration refuses).
+imported from the installed packages without their package ``__init__`` by ``_peers.import_peer``, with
+``deepspeed`` (OpenRLHF's ZeRO-3 helpers) and ``flash_attn.bert_padding`` / ``flash_attn.utils.distributed``
+(OpenRLHF's packed-sequence path, which the integration refuses) stubbed during the import when absent.
 verl's Triton ``linear_cross_entropy`` needs a CUDA device: it is compared on GPU only.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
@@ -23,54 +17,18 @@ import onepass.integrations.openrlhf as onepass_openrlhf
 import onepass.integrations.verl as onepass_verl
 from onepass.integrations import UnsupportedOption
 
+from _peers import import_peer
 from _tiny_lm import tiny_lm
-
-
-def _import_without_init(package: str, module: str):
-    if package not in sys.modules:
-        spec = importlib.util.find_spec(package)
-        if spec is None:
-            pytest.skip(f"{package} is not installed")
-        stub = types.ModuleType(package)
-        stub.__path__ = list(spec.submodule_search_locations)
-        sys.modules[package] = stub
-    return importlib.import_module(module)
-
-
-def _stub(name: str, **attrs) -> bool:
-    """Put an empty module ``name`` in ``sys.modules`` unless it is imported or installed; True if added."""
-    top = name.split(".")[0]
-    if name in sys.modules or (top not in sys.modules and importlib.util.find_spec(top) is not None):
-        return False  # already imported, or the real package is installed
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    sys.modules[name] = module
-    return True
 
 
 def _verl(module):
     pytest.importorskip("tensordict")
-    return _import_without_init("verl", module)
+    return import_peer("verl", [], lambda: importlib.import_module(module))
 
 
 def _openrlhf(module):
-    """Import an OpenRLHF submodule with the stubs in ``sys.modules`` during the import only: left there,
-    a stub ``deepspeed`` makes transformers' ``find_spec("deepspeed")`` fail in later tests."""
-    stubs = {"deepspeed": {}, "flash_attn": {},
-             "flash_attn.bert_padding": dict(index_first_axis=None, pad_input=None, rearrange=None, unpad_input=None),
-             "flash_attn.utils": {}, "flash_attn.utils.distributed": dict(all_gather=None)}
-    added = [name for name, attrs in stubs.items() if _stub(name, **attrs)]
-    try:
-        if "openrlhf.models" not in sys.modules:
-            _import_without_init("openrlhf", "openrlhf")
-            spec = importlib.util.find_spec("openrlhf.models")
-            stub = types.ModuleType("openrlhf.models")
-            stub.__path__ = list(spec.submodule_search_locations)
-            sys.modules["openrlhf.models"] = stub
-        return _import_without_init("openrlhf", module)
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+    stubs = ["deepspeed", "flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed"]
+    return import_peer("openrlhf", stubs, lambda: importlib.import_module(module), subpackages=["openrlhf.models"])
 
 
 def _inputs(dtype, n=(3, 7), d=20, v=131, seed=0):

@@ -17,9 +17,7 @@ Tolerances (relative to max(1, |peer|)): loss and gradient 1e-10 for TRL and Ope
 (whose means divide by count + 1e-8 where the reference divides by the count); TRL's and verl's clip
 fractions are computed in float32 by the peer (1e-6).
 """
-import importlib.util
 import math
-import sys
 import types
 import zlib
 from collections import defaultdict
@@ -28,6 +26,8 @@ import pytest
 import torch
 
 from onepass.reference import policy_variants as pv
+
+from _peers import import_peer
 
 F64 = torch.float64
 
@@ -226,42 +226,6 @@ def test_trl_entropy_mask_and_off_policy_mask_match_trl():
 # ------------------------------------------------------------------------------------------------
 # verl (optional)
 # ------------------------------------------------------------------------------------------------
-def _import_bypassing_init(package, stubs, importer, subpackages=()):
-    """Run ``importer()`` (imports of ``package``'s submodules) without executing the heavy ``__init__``
-    of ``package`` (and of ``subpackages``), with the missing modules ``stubs`` stubbed during the import
-    only (they are removed again, so that e.g. transformers' ``find_spec("deepspeed")`` still says
-    "absent").  Skips when the peer is not installed or its own dependencies are missing.
-    (``pytest.importorskip(package)`` would run that ``__init__``, so availability is checked by spec.)"""
-    if getattr(sys.modules.get(package), "__path__", None) is None and importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed (optional peer)")
-    added = []
-    for name in stubs:
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            stub = types.ModuleType(name)
-
-            def _any(attr):
-                if attr.startswith("__"):
-                    raise AttributeError(attr)
-                return object
-
-            stub.__getattr__ = _any
-            sys.modules[name] = stub
-            added.append(name)
-    for name in (package, *subpackages):
-        if not getattr(sys.modules.get(name), "__path__", None):
-            spec = importlib.util.find_spec(name)
-            pkg = types.ModuleType(name)
-            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-            sys.modules[name] = pkg
-    try:
-        return importer()
-    except ImportError as e:  # the peer's own dependencies (tensordict, codetiming, ...) missing
-        pytest.skip(f"{package} not importable here: {e}")
-    finally:
-        for name in added:
-            del sys.modules[name]
-
-
 def _import_verl():
     from verl.trainer.ppo import core_algos, rollout_corr_helper
     from verl.workers.config import ActorConfig
@@ -273,7 +237,7 @@ def _import_verl():
 
 @pytest.fixture(scope="module")
 def verl():
-    return _import_bypassing_init("verl", ["ray"], _import_verl)
+    return import_peer("verl", ["ray"], _import_verl)
 
 
 def _verl_actor_loss(verl, d, logp, cfg, weights=None, info=None):
@@ -411,7 +375,7 @@ def _import_openrlhf():
 
 @pytest.fixture(scope="module")
 def openrlhf():
-    return _import_bypassing_init("openrlhf", ["deepspeed"], _import_openrlhf, subpackages=["openrlhf.models"])
+    return import_peer("openrlhf", ["deepspeed"], _import_openrlhf, subpackages=["openrlhf.models"])
 
 
 ORL_CASES = [
