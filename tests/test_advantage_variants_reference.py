@@ -151,7 +151,7 @@ def test_openrlhf_reinforce_baseline_and_group_norm():
     mean = (returns * mask).sum() / mask.sum()
     var = ((returns - mean) ** 2 * mask).sum() / mask.sum()
     peer = (returns - mean) * var.clamp(min=1e-8).rsqrt()
-    _close(av.reinforce_pp_baseline(r, ids, mask, convention="openrlhf"), peer * mask, 1e-12, "reinforce_baseline")
+    _close(av.reinforce_pp_baseline(r, ids, mask, singleton="zero", variance="biased"), peer * mask, 1e-12, "reinforce_baseline")
     group_norm = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-9)).reshape(-1)
     _close(av.grpo(r, ids, eps=1e-9), group_norm, 1e-12, "group_norm")
     rloo = (grouped - (grouped.sum(-1, keepdim=True) - grouped) / (G - 1)).reshape(-1)
@@ -164,8 +164,8 @@ def test_bad_arguments():
         av.grpo(r, ids, singleton="drop")
     with pytest.raises(ValueError, match="nan_rewards"):
         av.rloo(r, ids, nan_rewards="skip")
-    with pytest.raises(ValueError, match="convention"):
-        av.reinforce_pp_baseline(r, ids, mask, convention="trl")
+    with pytest.raises(ValueError, match="singleton"):
+        av.reinforce_pp_baseline(r, ids, mask, singleton="openrlhf")
     with pytest.raises(ValueError, match="variance"):
         av.token_whiten(r[:, None] * mask, mask, variance="sample")
     with pytest.raises(ValueError, match="group_ids"):

@@ -262,9 +262,16 @@ def test_opcheck(backend):
     gen = torch.Generator().manual_seed(1)
     r = _rewards(24, torch.float32, gen)
     ids = _ragged_ids(24, gen)
-    torch.library.opcheck(_group_advantages_op, (r, ids, 0, "grpo", "group", 1e-6, backend))
-    torch.library.opcheck(_group_advantages_op, (r, None, 4, "reinforce_pp", "group", 1e-6, backend))
-    torch.library.opcheck(_group_advantages_op, (r.double(), None, 6, "rloo", "group", 1e-6, backend))
+    defaults = ("zero", "raise", False, None, None, None, "sample", "biased", backend)
+    torch.library.opcheck(_group_advantages_op, (r, ids, 0, "grpo", "group", 1e-6) + defaults)
+    torch.library.opcheck(_group_advantages_op, (r, None, 4, "reinforce_pp", "group", 1e-6) + defaults)
+    torch.library.opcheck(_group_advantages_op, (r.double(), None, 6, "rloo", "group", 1e-6) + defaults)
+    mask = torch.rand(24, 5, generator=gen) > 0.3
+    torch.library.opcheck(_group_advantages_op, (r, ids, 0, "reinforce_pp", "group", 1e-6, "verl", "raise", False,
+                                                 None, None, mask, "token", "unbiased", backend))
+    lengths = torch.randint(1, 9, (24,), generator=gen)
+    torch.library.opcheck(_group_advantages_op, (r, None, 4, "opo", "group", 1e-6, "zero", "exclude", False,
+                                                 None, lengths, None, "sample", "biased", backend))
 
 
 def test_torch_compile_fullgraph():

@@ -31,43 +31,108 @@ from ._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 from ._ops import advantages as _op
 from ._validate import check_float
 
-__all__ = ["group_advantages"]
+__all__ = ["group_advantages", "ESTIMATORS"]
+
+#: Every estimator: the kernel ones (``ADVANTAGE_ESTIMATORS``), then those composed in torch over them.
+ESTIMATORS = ADVANTAGE_ESTIMATORS + ("grpo_passk", "opo", "gpg", "remax")
+SINGLETONS = ("zero", "verl")
+NAN_REWARDS = ("raise", "exclude")
+WHITENINGS = ("sample", "token")
+VARIANCES = ("biased", "unbiased")
 
 
 def group_advantages(rewards: torch.Tensor, *, group_size: Optional[int] = None,
                      group_ids: Optional[torch.Tensor] = None, estimator: str = "grpo",
-                     scale: str = "group", eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+                     scale: str = "group", eps: float = 1e-6, singleton: str = "zero", nan_rewards: str = "raise",
+                     normalize: bool = False, baselines: Optional[torch.Tensor] = None,
+                     lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     whiten: str = "sample", variance: str = "biased", backend: str = "auto") -> torch.Tensor:
     """Group-relative advantages of B sampled completions.
 
     Args:
-        rewards: [B] float32, float16, bfloat16 or float64 scalar rewards, finite.
+        rewards: [B] float32, float16, bfloat16 or float64 scalar rewards, finite (NaN allowed with
+            ``nan_rewards="exclude"``).
         group_size: the groups are the consecutive blocks of ``group_size`` rewards (B must be a
             multiple of it), as TRL/verl lay out G completions per prompt.
         group_ids: [B] integer labels (any order, any values, ragged group sizes); give exactly one of
-            ``group_size`` and ``group_ids``.
-        estimator: ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` or ``"reinforce_pp"`` (formulas in the module
-            docstring: ``onepass.advantages``).
-        scale: ``"group"``, ``"batch"`` or ``"none"``: the GRPO denominator (ignored by the others).
-        eps: added to the std in the GRPO denominator (≥ 0).
+            ``group_size`` and ``group_ids`` (neither for ``"remax"``, which has no groups).
+        estimator: one of ``ESTIMATORS`` (formulas in the module docstring: ``onepass.advantages``).
+        scale: ``"group"``, ``"batch"`` or ``"none"``: the GRPO denominator; ``"grpo_passk"`` takes
+            ``"group"`` (divide by std_g + eps) or ``"none"``; the other estimators ignore it.
+        eps: added to the std in the GRPO / pass@k denominator, and in the RLOO ``normalize`` one (≥ 0).
+        singleton: what a group of one gets: ``"zero"`` (0; TRL, OpenRLHF) or ``"verl"`` (verl's mean 0,
+            std 1: r/(1 + eps) for GRPO with ``scale="group"``, α·r for GPG, r otherwise; REINFORCE++ whitens
+            x = r).  ``"grpo_passk"`` rejects groups of one.
+        nan_rewards: ``"raise"``, or ``"exclude"`` (TRL's unscorable completions): NaN rewards are left out of
+            their group and of every batch statistic, and get advantage 0 (a group left with one scorable
+            reward is a group of one).
+        normalize: ``"rloo"`` only: whiten the advantages of the members of groups of ≥ 2 over the batch,
+            (a − mean)/(std + eps) with the unbiased std (TRL ``RLOOConfig.normalize_advantages``, eps 1e-4).
+        baselines: [B] float rewards of the greedy responses, required by ``"remax"`` (only).
+        lengths: [B] response lengths (> 0, integer or float), required by ``"opo"`` (only).
+        mask: [B, T] response mask (bool, or 0/1 integer/float), required by ``whiten="token"`` (only).
+        whiten: ``"reinforce_pp"`` only: ``"sample"`` (each sequence counts once) or ``"token"`` (over the
+            response tokens of ``mask``, each sequence weighs its length, as verl and OpenRLHF; returns
+            [B, T], 0 on masked tokens).
+        variance: ``"reinforce_pp"`` only: ``"biased"`` (rsqrt(max(var, 1e-8)), OpenRLHF) or ``"unbiased"``
+            (rsqrt(var·N/(N − 1) + 1e-8), verl).
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
 
     Returns:
-        [B] advantages, float32 (float64 for float64 rewards), accumulated in float32 (float64).
-        A group of one gets 0; equal rewards within a group give exactly 0 (also with eps = 0).
-        The result carries no gradient (advantages are constants of the policy loss; ``rewards`` is
-        detached).
+        [B] advantages ([B, T] with ``whiten="token"``), float32 (float64 for float64 rewards).  The kernel
+        estimators (``grpo``, ``dr_grpo``, ``rloo``, and ``reinforce_pp`` whitened per sample with the
+        biased variance) with the default options run on the backend's kernel, accumulated in float32
+        (float64); the other estimators and options are composed in float64 torch over it on every
+        backend.  Equal rewards within a group give exactly 0 (also with eps = 0).  The result carries no
+        gradient (advantages are constants of the policy loss; ``rewards`` is detached).
 
     Deterministic: groups are formed with a stable sort and every reduction has a fixed order on all
     backends, so the same inputs give bitwise-identical outputs run after run.
 
     Raises:
-        ValueError: NaN/inf ``rewards``, both or neither of ``group_size``/``group_ids``, B not a
-            multiple of ``group_size``, shape mismatch, unknown ``estimator``/``scale``, bad ``eps``.
+        ValueError: NaN (with ``nan_rewards="raise"``) or infinite ``rewards``, both or neither of
+            ``group_size``/``group_ids``, B not a multiple of ``group_size``, shape or device mismatch,
+            unknown ``estimator``/``scale``/``singleton``/``nan_rewards``/``whiten``/``variance``, bad
+            ``eps``, an option given to an estimator that does not take it, ``baselines``/``lengths``/
+            ``mask`` missing where required or bad, ``"grpo_passk"`` with a group of one, too few samples
+            or response tokens to whiten.
         TypeError: wrong tensor dtypes.
     """
     check_float("rewards", rewards)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor [B], got shape {tuple(rewards.shape)}")
+    B = rewards.shape[0]
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "remax" and group_size is None and group_ids is None:
+        group_size = 1  # remax has no groups
+    group_ids, size_arg = _check_groups(rewards, group_size, group_ids)
+    _check_options(estimator, scale, singleton, nan_rewards, normalize, whiten, variance)
+    if estimator == "grpo_passk" and size_arg == 1:
+        raise ValueError("estimator='grpo_passk' needs at least 2 samples per group, got group_size=1")
+    eps = float(eps)
+    if not (eps >= 0.0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    baselines = _check_extra("baselines", baselines, estimator == "remax", "estimator='remax'", rewards)
+    lengths = _check_extra("lengths", lengths, estimator == "opo", "estimator='opo'", rewards)
+    mask = _check_extra("mask", mask, whiten == "token", "whiten='token'", rewards)
+    name = _dispatch.resolve_backend(backend, rewards, "advantages", "group_advantages")
+    rewards = rewards.detach().contiguous()
+    if B and not torch.compiler.is_compiling():
+        bad = torch.isinf(rewards) if nan_rewards == "exclude" else ~torch.isfinite(rewards)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"rewards must be finite, got {float(rewards[i])} at position {i}"
+                             + ("" if nan_rewards == "exclude" else " (nan_rewards='exclude' leaves NaN out)"))
+        _check_values(baselines, lengths, mask)
+    return _op.group_advantages(rewards, group_ids=group_ids, group_size=size_arg, estimator=estimator, scale=scale,
+                                eps=eps, singleton=singleton, nan_rewards=nan_rewards, normalize=normalize,
+                                baselines=baselines, lengths=lengths, mask=mask, whiten=whiten, variance=variance,
+                                backend=name)
+
+
+def _check_groups(rewards, group_size, group_ids):
+    """(contiguous group_ids or None, group_size or 0 when group_ids is given), validated."""
     B = rewards.shape[0]
     if (group_size is None) == (group_ids is None):
         raise ValueError("give exactly one of group_size (consecutive groups) and group_ids (labels), got "
@@ -79,32 +144,63 @@ def group_advantages(rewards: torch.Tensor, *, group_size: Optional[int] = None,
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if B % group_size != 0:
             raise ValueError(f"the number of rewards B={B} is not a multiple of group_size={group_size}")
-        size_arg = group_size
-    else:
-        if not isinstance(group_ids, torch.Tensor):
-            raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
-        if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
-            raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-        if group_ids.shape != rewards.shape:
-            raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but rewards has shape "
-                             f"{tuple(rewards.shape)}: they must match")
-        if group_ids.device != rewards.device:
-            raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
-        group_ids = group_ids.contiguous()
-        size_arg = 0
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
-    eps = float(eps)
-    if not (eps >= 0.0) or math.isinf(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    name = _dispatch.resolve_backend(backend, rewards, "advantages", "group_advantages")
-    rewards = rewards.detach().contiguous()
-    if B and not torch.compiler.is_compiling():
-        bad = ~torch.isfinite(rewards)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"rewards must be finite, got {float(rewards[i])} at position {i}")
-    return _op.group_advantages(rewards, group_ids=group_ids, group_size=size_arg, estimator=estimator, scale=scale,
-                                eps=eps, backend=name)
+        return None, group_size
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    if group_ids.shape != rewards.shape:
+        raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but rewards has shape "
+                         f"{tuple(rewards.shape)}: they must match")
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
+    return group_ids.contiguous(), 0
+
+
+def _check_options(estimator, scale, singleton, nan_rewards, normalize, whiten, variance):
+    for arg, value, allowed in (("scale", scale, ADVANTAGE_SCALES), ("singleton", singleton, SINGLETONS),
+                                ("nan_rewards", nan_rewards, NAN_REWARDS), ("whiten", whiten, WHITENINGS),
+                                ("variance", variance, VARIANCES)):
+        if value not in allowed:
+            raise ValueError(f"{arg} must be one of {allowed}, got {value!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if normalize and estimator != "rloo":
+        raise ValueError(f"normalize=True applies to estimator='rloo' only, got estimator={estimator!r}")
+    if estimator != "reinforce_pp" and (whiten, variance) != ("sample", "biased"):
+        raise ValueError(f"whiten and variance apply to estimator='reinforce_pp' only, got estimator={estimator!r} "
+                         f"with whiten={whiten!r}, variance={variance!r}")
+    if estimator == "grpo_passk" and scale == "batch":
+        raise ValueError("estimator='grpo_passk' takes scale='group' or 'none', got scale='batch'")
+
+
+def _check_extra(arg, value, required, user, rewards):
+    """A [B] (``mask``: [B, T]) tensor argument that ``user`` needs and nothing else takes; contiguous."""
+    if value is None:
+        if required:
+            raise ValueError(f"{user} needs {arg}")
+        return None
+    if not required:
+        raise ValueError(f"{arg} is only used with {user}; leave it None otherwise")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    if arg == "baselines":
+        check_float(arg, value)
+    elif value.dtype.is_complex:
+        raise TypeError(f"{arg} must be a real tensor, got {value.dtype}")
+    B = rewards.shape[0]
+    if (value.dim(), value.shape[0] if value.dim() else None) != (2 if arg == "mask" else 1, B):
+        want = f"[B, T] = [{B}, T]" if arg == "mask" else f"[B] = [{B}]"
+        raise ValueError(f"{arg} must have shape {want}, got {tuple(value.shape)}")
+    if value.device != rewards.device:
+        raise ValueError(f"{arg} is on {value.device} but rewards is on {rewards.device}")
+    return value.detach().contiguous()
+
+
+def _check_values(baselines, lengths, mask):
+    if baselines is not None and not bool(torch.isfinite(baselines).all()):
+        raise ValueError("baselines must be finite")
+    if lengths is not None and not bool(((lengths > 0) & (lengths < math.inf)).all()):
+        raise ValueError("lengths must be finite and > 0 (the response lengths)")
+    if mask is not None and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold 0/1 (or bool) values")

@@ -173,8 +173,9 @@ def token_whiten(values: Tensor, mask: Tensor, *, variance: str = "unbiased") ->
     x = values.to(torch.float64)
     m = mask.to(torch.float64)
     n = m.sum()
-    if n < 2:
-        raise ValueError("token whitening needs at least 2 unmasked tokens")
+    if n < (2 if variance == "unbiased" else 1):
+        raise ValueError(f"token whitening with the {variance} variance needs at least "
+                         f"{2 if variance == 'unbiased' else 1} unmasked tokens")
     mu = (x * m).sum() / n
     var = (((x - mu) ** 2) * m).sum() / n
     if variance == "unbiased":
@@ -192,19 +193,26 @@ def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, var
     return token_whiten(returns_to_go(token_rewards, mask, gamma), mask, variance=variance)
 
 
-def reinforce_pp_baseline(rewards: Tensor, group_ids: Tensor, mask: Tensor, *, convention: str = "verl") -> Tensor:
-    """REINFORCE++-baseline: x = r − mean_g, broadcast to the response tokens, then whitened over the
-    batch's tokens.  ``convention="verl"``: a group of one keeps x = r, unbiased token variance + 1e-8;
-    ``"openrlhf"`` (``reinforce_baseline``): a group of one gets x = 0, biased variance clamped at 1e-8.
-    Returns [B, T]."""
-    if convention not in ("verl", "openrlhf"):
-        raise ValueError(f"convention must be 'verl' or 'openrlhf', got {convention!r}")
+def reinforce_pp_baseline(rewards: Tensor, group_ids: Tensor, mask: Tensor | None = None, *, singleton: str = "verl",
+                          variance: str = "unbiased") -> Tensor:
+    """REINFORCE++-baseline: x = r − mean_g, whitened over the batch's tokens (``mask`` [B, T], each sequence
+    weighs its length; returns [B, T]) or, without ``mask``, over the samples (each counts once; returns [B]).
+    verl (``reinforce_plus_plus_baseline``): ``singleton="verl"`` (a group of one keeps x = r) and
+    ``variance="unbiased"``; OpenRLHF (``reinforce_baseline``): ``singleton="zero"`` (a group of one has x = 0
+    in the statistics and gets advantage 0: OpenRLHF's groups all have one size, and with size 1 every x and
+    advantage is 0) and ``variance="biased"``."""
+    _check_singleton(singleton)
     r, groups = _prepare(rewards, group_ids, "raise")
     x = torch.zeros_like(r)
+    alone = torch.zeros_like(r, dtype=torch.bool)
     for idx in groups:
         if idx.numel() == 1:
-            x[idx] = r[idx] if convention == "verl" else 0.0
+            x[idx] = r[idx] if singleton == "verl" else 0.0
+            alone[idx] = True
         else:
             x[idx] = r[idx] - r[idx].mean()
-    tokens = x[:, None] * mask.to(torch.float64)
-    return token_whiten(tokens, mask, variance="unbiased" if convention == "verl" else "biased")
+    if mask is None:
+        adv = token_whiten(x[:, None], torch.ones_like(x)[:, None], variance=variance)[:, 0]
+        return torch.where(alone, 0.0, adv) if singleton == "zero" else adv
+    adv = token_whiten(x[:, None] * mask.to(torch.float64), mask, variance=variance)
+    return torch.where(alone[:, None], 0.0, adv) if singleton == "zero" else adv
