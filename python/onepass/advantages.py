@@ -67,7 +67,8 @@ def group_advantages(rewards: torch.Tensor, *, group_size: Optional[int] = None,
             their group and of every batch statistic, and get advantage 0 (a group left with one scorable
             reward is a group of one).
         normalize: ``"rloo"`` only: whiten the advantages of the members of groups of ≥ 2 over the batch,
-            (a − mean)/(std + eps) with the unbiased std (TRL ``RLOOConfig.normalize_advantages``, eps 1e-4).
+            (a − mean)/(std + eps) with the unbiased std (TRL ``RLOOConfig.normalize_advantages``, eps 1e-4);
+            a group of one gets 0 (so not with ``singleton="verl"``).
         baselines: [B] float rewards of the greedy responses, required by ``"remax"`` (only).
         lengths: [B] response lengths (> 0, integer or float), required by ``"opo"`` (only).
         mask: [B, T] response mask (bool, or 0/1 integer/float), required by ``whiten="token"`` (only).
@@ -167,6 +168,9 @@ def _check_options(estimator, scale, singleton, nan_rewards, normalize, whiten, 
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if normalize and estimator != "rloo":
         raise ValueError(f"normalize=True applies to estimator='rloo' only, got estimator={estimator!r}")
+    if normalize and singleton == "verl":
+        raise ValueError("normalize=True gives a group of one 0 (it whitens the groups of >= 2 only): "
+                         "it does not combine with singleton='verl'")
     if estimator != "reinforce_pp" and (whiten, variance) != ("sample", "biased"):
         raise ValueError(f"whiten and variance apply to estimator='reinforce_pp' only, got estimator={estimator!r} "
                          f"with whiten={whiten!r}, variance={variance!r}")

@@ -133,7 +133,7 @@ def _composed(rewards, group_ids, group_size, estimator, scale, eps, singleton, 
         mu = torch.where(pooled, adv, 0.0).sum() / count
         std = (torch.where(pooled, (adv - mu) ** 2, 0.0).sum() / (count - 1)).sqrt()
         denom = std + eps
-        adv = torch.where(pooled & (denom > 0) & (count > 1), (adv - mu) / denom, torch.where(pooled, 0.0, adv))
+        adv = torch.where(pooled & (denom > 0), (adv - mu) / denom, 0.0)  # denom = 0: equal advantages
     if estimator == "reinforce_pp":
         weights = torch.ones_like(r) if whiten == "sample" else (mask != 0).sum(dim=1).to(torch.float64)
         adv = _whiten(adv, weights, variance)
