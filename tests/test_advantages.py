@@ -279,10 +279,13 @@ def test_torch_compile_fullgraph():
     r = _rewards(32, torch.float32, gen)
     ids = _ragged_ids(32, gen)
 
+    lengths = torch.randint(1, 9, (32,), generator=gen)
+
     def f(rewards, group_ids):
         a = group_advantages(rewards, group_size=4)
         b = group_advantages(rewards, group_ids=group_ids, estimator="rloo")
-        return a * 2.0 + b
+        c = group_advantages(rewards, group_ids=group_ids, estimator="opo", lengths=lengths, singleton="verl")
+        return a * 2.0 + b + c
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(r, ids), f(r, ids))

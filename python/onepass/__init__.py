@@ -5,7 +5,7 @@ distances, group advantages and fused GRPO / OPD losses; ``onepass.nn`` holds mo
 Importing onepass never initializes CUDA.
 """
 from ._dispatch import available_backends
-from .advantages import group_advantages
+from .advantages import group_advantages, reinforce_pp_returns
 from .divergence import divergence, linear_divergence
 from .kl import kl_penalty, linear_policy_ref_stats
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -20,6 +20,7 @@ __all__ = [
     "available_backends",
     "divergence",
     "group_advantages",
+    "reinforce_pp_returns",
     "grpo_loss",
     "kl_penalty",
     "linear_divergence",

@@ -31,7 +31,7 @@ from ._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 from ._ops import advantages as _op
 from ._validate import check_float
 
-__all__ = ["group_advantages", "ESTIMATORS"]
+__all__ = ["group_advantages", "reinforce_pp_returns", "ESTIMATORS"]
 
 #: Every estimator: the kernel ones (``ADVANTAGE_ESTIMATORS``), then those composed in torch over them.
 ESTIMATORS = ADVANTAGE_ESTIMATORS + ("grpo_passk", "opo", "gpg", "remax")
@@ -208,3 +208,50 @@ def _check_values(baselines, lengths, mask):
         raise ValueError("lengths must be finite and > 0 (the response lengths)")
     if mask is not None and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must hold 0/1 (or bool) values")
+
+
+def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+                         variance: str = "unbiased") -> torch.Tensor:
+    """REINFORCE++ without a group baseline: discounted returns-to-go of per-token rewards, whitened over the
+    batch's response tokens (verl ``reinforce_plus_plus``; OpenRLHF ``reinforce`` with ``variance="biased"``).
+
+    G_t = r_t + γ·G_{t'} (t' the next response token), then (G − μ)·rsqrt(var·N/(N − 1) + 1e-8)
+    (``"unbiased"``) or (G − μ)·rsqrt(max(var, 1e-8)) (``"biased"``), μ and var (biased) over the N
+    response tokens.  Plain torch on every device, in float64 (a loop of T vectorized steps for the
+    recurrence, as verl); no gradient.
+
+    Args:
+        token_rewards: [B, T] float rewards per token (e.g. the outcome reward on the last response token,
+            plus KL shaping), finite.
+        mask: [B, T] response mask (bool, or 0/1 integer/float), at least 2 response tokens (1 with
+            ``variance="biased"``).
+        gamma: the discount γ in [0, 1].
+        variance: ``"unbiased"`` (verl) or ``"biased"`` (OpenRLHF).
+
+    Returns:
+        [B, T] float32 (float64 for float64 rewards) advantages, 0 on masked tokens.
+
+    Raises:
+        ValueError: shapes, non-finite rewards, mask values, gamma out of range, bad ``variance``, too few
+            response tokens.
+        TypeError: wrong tensor dtypes.
+    """
+    check_float("token_rewards", token_rewards)
+    if token_rewards.dim() != 2:
+        raise ValueError(f"token_rewards must be [B, T], got shape {tuple(token_rewards.shape)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != token_rewards.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but token_rewards has shape "
+                         f"{tuple(token_rewards.shape)}: they must match")
+    if mask.device != token_rewards.device:
+        raise ValueError(f"mask is on {mask.device} but token_rewards is on {token_rewards.device}")
+    gamma = float(gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    if not bool(torch.isfinite(token_rewards).all()):
+        raise ValueError("token_rewards must be finite")
+    _check_values(None, None, mask)
+    return _op.reinforce_pp_returns(token_rewards.detach(), mask != 0, gamma, variance)

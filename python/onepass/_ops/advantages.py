@@ -69,14 +69,15 @@ class _Groups:
 
 
 def _whiten(x: torch.Tensor, weights: torch.Tensor, variance: str) -> torch.Tensor:
-    """(x − μ)·s over the batch, each x weighted by ``weights`` (1 per sample, or its token count), float64:
+    """(x − μ)·s over the batch, each x weighted by ``weights`` (1 per sample or token, or the sample's token
+    count), float64:
     μ = Σ w x / Σ w, v = Σ w (x − μ)² / Σ w; s = rsqrt(max(v, 1e-8)) (``"biased"``) or
     rsqrt(v·N/(N − 1) + 1e-8) with N = Σ w (``"unbiased"``)."""
     total = weights.sum()
     if float(total) < (2 if variance == "unbiased" else 1):
         raise ValueError(f"the REINFORCE++ whitening with variance={variance!r} needs at least "
                          f"{2 if variance == 'unbiased' else 1} samples (whiten='sample') or response tokens "
-                         f"in mask (whiten='token'), got {float(total):g}")
+                         f"in mask, got {float(total):g}")
     mu = (weights * x).sum() / total
     var = (weights * (x - mu) ** 2).sum() / total
     if variance == "biased":
@@ -157,6 +158,28 @@ def _passk(r: torch.Tensor, groups: _Groups, scale: str, eps: float) -> torch.Te
     mean = groups.reduce(r, "sum") / groups.size
     std = (groups.reduce((r - mean) ** 2, "sum") / (groups.size - 1)).sqrt()
     return gap / (std + eps)  # std > 0 wherever gap ≠ 0
+
+
+def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + γ·G_{t'} over the response tokens (t' the next one; masked tokens are skipped and get 0),
+    float64 [B, T]: one vectorized step per position, as verl (a linear recurrence over T)."""
+    r = token_rewards.to(torch.float64)
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = torch.where(mask[:, t], r[:, t] + gamma * running, running)
+        out[:, t] = torch.where(mask[:, t], running, 0.0)
+    return out
+
+
+def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float, variance: str) -> torch.Tensor:
+    """Whitened discounted returns of validated ``token_rewards`` [B, T] over the response tokens of the bool
+    ``mask`` [B, T]; float32 (float64 for float64 rewards), 0 on masked tokens."""
+    returns = returns_to_go(token_rewards, mask, gamma)
+    tokens = returns[mask]
+    out = torch.zeros_like(returns)
+    out[mask] = _whiten(tokens, torch.ones_like(tokens), variance)
+    return out.to(stats_dtype(token_rewards))
 
 
 @torch.library.custom_op("onepass::group_advantages", mutates_args=())
