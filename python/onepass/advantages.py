@@ -1,4 +1,5 @@
-"""``onepass.group_advantages``: group-relative advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++).
+"""``onepass.group_advantages``: group-relative advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline,
+pass@k GRPO, OPO, GPG, ReMax) and ``onepass.reinforce_pp_returns`` (REINFORCE++ on token rewards).
 
 The math, per group g of n_g members with rewards r (mean_g, std_g over the group; std_g unbiased,
 i.e. with Bessel's correction, as ``torch.std`` in TRL/verl/OpenRLHF):
@@ -9,17 +10,34 @@ i.e. with Bessel's correction, as ``torch.std`` in TRL/verl/OpenRLHF):
                               unbiased std of all B rewards (TRL ``scale_rewards="batch"``)
                               ``scale="none"``:  r − mean_g
 ``estimator="dr_grpo"``       r − mean_g
-``estimator="rloo"``          r − (Σ_g r − r)/(n_g − 1) = (r − mean_g) · n_g/(n_g − 1)
-``estimator="reinforce_pp"``  x = r − mean_g, then (x − mean(x)) · rsqrt(max(var(x), 1e-8)), with
-                              mean/var over the B samples and var the *biased* (population)
-                              variance — OpenRLHF's REINFORCE++-baseline whitening
-                              (``var.clamp(min=1e-8).rsqrt()``).  OpenRLHF whitens over tokens; here
-                              each sample counts once.
+``estimator="rloo"``          r − (Σ_g r − r)/(n_g − 1) = (r − mean_g) · n_g/(n_g − 1);
+                              ``normalize=True``: then (a − mean)/(std + eps) over the members of the
+                              groups of ≥ 2 (unbiased std; TRL RLOO ``normalize_advantages``)
+``estimator="reinforce_pp"``  x = r − mean_g, then whitened over the batch (REINFORCE++-baseline):
+                              (x − μ)·rsqrt(max(v, 1e-8)) (``variance="biased"``, OpenRLHF) or
+                              (x − μ)·rsqrt(v·N/(N − 1) + 1e-8) (``"unbiased"``, verl), μ and v the
+                              mean and biased variance over the B samples (``whiten="sample"``: each
+                              counts once) or over the response tokens of ``mask`` (``"token"``: each
+                              sample weighs its length, N tokens; verl / OpenRLHF; returns [B, T])
+``estimator="grpo_passk"``    the best member of each group (unique maximum) gets
+                              (r_max − r_second) / (std_g + eps) (``scale="none"``: no division),
+                              the others 0; a tie for the best gives 0 (verl ``grpo_passk``)
+``estimator="opo"``           r − Σ_g |y|·r / Σ_g |y|, |y| the response ``lengths`` (verl ``opo``)
+``estimator="gpg"``           α·(r − mean_g), α = B / max(#{r ≠ 0}, 1) (verl ``gpg``; its f_norm = 1)
+``estimator="remax"``         r − b, b the reward of the greedy response (``baselines``; no groups)
 ============================  ==================================================================
 
-``scale`` only applies to ``"grpo"`` (other estimators ignore it).  A group of one gets advantage 0
-with every estimator (its std is undefined; no NaN is produced), and groups whose rewards are all
-equal get exactly 0.
+``scale`` only applies to ``"grpo"`` and ``"grpo_passk"``.  A group of one gets 0 (``singleton="zero"``;
+its std is undefined, no NaN is produced; with REINFORCE++ its x = 0 counts in the whitening statistics)
+or verl's value (``singleton="verl"``: mean r, std 1).  Groups whose rewards are all equal get exactly 0.
+NaN rewards raise, or are left out of their group and of every batch statistic and get 0
+(``nan_rewards="exclude"``, TRL's unscorable completions; α, B, std_batch and the whitening then count
+the scorable rewards only).
+
+Implementation: the backends' kernels (C++, CUDA, Triton, torch reference) compute grpo, dr_grpo, rloo
+and per-sample biased REINFORCE++ with ``singleton="zero"``; everything else is composed over them in
+float64 torch on every device (``onepass._ops.advantages``): the extra work is O(B) (O(B·T) to write the
+[B, T] output of the token whitening), not worth kernels of its own.
 """
 import math
 from typing import Optional

@@ -1,5 +1,6 @@
-"""Float64 references of the advantage estimators of verl 0.9, TRL 1.16 and OpenRLHF 0.11 that
-``onepass.group_advantages`` does not cover yet (or covers with another convention).
+"""Float64 references of the advantage estimators of verl 0.9, TRL 1.16 and OpenRLHF 0.11: the test oracle
+of ``onepass.group_advantages``'s estimators and options beyond the kernel conventions (and of
+``onepass.reinforce_pp_returns``); never called by the library itself.
 
 Plain PyTorch, one group at a time; written from the definitions restated in ``docs/loss_variants.md``.
 Rewards are per sequence [B]; ``group_ids`` [B] are integer labels (any order, ragged groups).
