@@ -164,16 +164,21 @@ def _check_groups(rewards, group_size, group_ids):
         if B % group_size != 0:
             raise ValueError(f"the number of rewards B={B} is not a multiple of group_size={group_size}")
         return None, group_size
-    if not isinstance(group_ids, torch.Tensor):
-        raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
+    _check_matches("group_ids", group_ids, "rewards", rewards)
     if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if group_ids.shape != rewards.shape:
-        raise ValueError(f"group_ids has shape {tuple(group_ids.shape)} but rewards has shape "
-                         f"{tuple(rewards.shape)}: they must match")
-    if group_ids.device != rewards.device:
-        raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
     return group_ids.contiguous(), 0
+
+
+def _check_matches(arg, value, like_arg, like):
+    """``value`` is a tensor with the shape and device of ``like``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    if value.shape != like.shape:
+        raise ValueError(f"{arg} has shape {tuple(value.shape)} but {like_arg} has shape {tuple(like.shape)}: "
+                         "they must match")
+    if value.device != like.device:
+        raise ValueError(f"{arg} is on {value.device} but {like_arg} is on {like.device}")
 
 
 def _check_options(estimator, scale, singleton, nan_rewards, normalize, whiten, variance):
@@ -257,13 +262,7 @@ def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, *, gam
     check_float("token_rewards", token_rewards)
     if token_rewards.dim() != 2:
         raise ValueError(f"token_rewards must be [B, T], got shape {tuple(token_rewards.shape)}")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != token_rewards.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but token_rewards has shape "
-                         f"{tuple(token_rewards.shape)}: they must match")
-    if mask.device != token_rewards.device:
-        raise ValueError(f"mask is on {mask.device} but token_rewards is on {token_rewards.device}")
+    _check_matches("mask", mask, "token_rewards", token_rewards)
     gamma = float(gamma)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
