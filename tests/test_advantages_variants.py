@@ -375,3 +375,28 @@ def test_reinforce_pp_returns_bad_arguments():
     for args, kw, error, match in cases:
         with pytest.raises(error, match=match):
             reinforce_pp_returns(*args, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_gpu_backends(backend):
+    assert backend in available_backends("cuda"), f"backend {backend} must run on CUDA tensors on a GPU machine"
+    for k, (name, kw, ref) in enumerate(CASES):
+        ids, r, lengths, mask = _batch(70 + k, PASSK_SIZES if kw["estimator"] == "grpo_passk" else RAGGED_SIZES,
+                                       dtype=torch.float32)
+        baselines = r + 1.0
+        if kw["estimator"] != "grpo_passk":
+            r[[2, 11]] = math.nan
+        keep = ~torch.isnan(r)
+        want = torch.zeros(mask.shape if kw.get("whiten") == "token" else r.shape, dtype=F64)
+        want[keep] = ref(r[keep].double(), ids[keep], lengths[keep], mask[keep], baselines[keep].double())
+        extras = {arg: t.cuda() for arg, t in _extras(kw, lengths, mask, baselines).items()}
+        out = group_advantages(r.cuda(), group_ids=ids.cuda(), nan_rewards="exclude", backend=backend, **kw, **extras)
+        again = group_advantages(r.cuda(), group_ids=ids.cuda(), nan_rewards="exclude", backend=backend, **kw,
+                                 **extras)
+        assert torch.equal(out, again), name  # deterministic
+        _close(out.cpu(), want, torch.float32, 2e-5, f"{name} ({backend}, cuda)")
+    dense, mask = _token_rewards(71)
+    out = reinforce_pp_returns(dense.cuda(), mask.cuda(), gamma=0.9)
+    _close(out.cpu(), av.token_whiten(av.returns_to_go(dense, mask, 0.9), mask), F64, what="reinforce_pp_returns cuda")
