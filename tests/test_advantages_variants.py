@@ -210,6 +210,21 @@ def test_passk_ties_and_determinism(backend):
         assert torch.equal(a, group_advantages(r.float(), group_ids=ids, backend=backend, **kw))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_equal_rewards_give_zero(backend):
+    """Equal rewards in every group (0.1 is inexact: a naive mean would not cancel) give exactly 0, also with
+    eps = 0, for the estimators that centre on a group baseline."""
+    ids, _, lengths, mask = _batch(8, PASSK_SIZES)
+    r = torch.full(ids.shape, 0.1, dtype=torch.float32)
+    r[ids == ids[0]] = -2.7
+    for kw in (dict(estimator="opo", lengths=lengths), dict(estimator="gpg"), dict(estimator="grpo_passk"),
+               dict(estimator="rloo", normalize=True), dict(estimator="grpo", singleton="verl"),
+               dict(estimator="reinforce_pp", whiten="token", mask=mask, variance="unbiased")):
+        for eps in (1e-6, 0.0):
+            out = group_advantages(r, group_ids=ids, eps=eps, backend=backend, **kw)
+            assert torch.equal(out, torch.zeros_like(out)), (kw, eps, out)
+
+
 def test_backends_agree():
     """The kernel estimators with the new options give the same results on every backend (the composition
     runs the same float64 torch code over each backend's kernel output)."""

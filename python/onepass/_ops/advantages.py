@@ -53,8 +53,8 @@ def segments(rewards: torch.Tensor, group_size: int | None, group_ids: torch.Ten
 class _Groups:
     """The CSR groups of a batch with the per-member segment index, for the torch-composed estimators."""
 
-    def __init__(self, perm, offsets, max_n, B):
-        self.perm, self.offsets, self.max_n = perm, offsets, max_n
+    def __init__(self, perm, offsets):
+        self.perm, self.offsets = perm, offsets
         self.counts = offsets.diff()
         sorted_segment = torch.repeat_interleave(torch.arange(self.counts.numel(), device=offsets.device),
                                                  self.counts)
@@ -64,8 +64,14 @@ class _Groups:
 
     def reduce(self, values: torch.Tensor, how: str) -> torch.Tensor:
         """Per-member ``how`` ("sum" or "max") of the member's group, [B]; fixed reduction order."""
-        ordered = values if self.perm is None else values[self.perm]
-        return torch.segment_reduce(ordered, how, offsets=self.offsets)[self.segment]
+        return torch.segment_reduce(self._ordered(values), how, offsets=self.offsets)[self.segment]
+
+    def first(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-member value of its group's first member, [B] (a shift: equal values then cancel exactly)."""
+        return self._ordered(values)[self.offsets[:-1]][self.segment]
+
+    def _ordered(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.perm is None else values[self.perm]
 
 
 def _whiten(x: torch.Tensor, weights: torch.Tensor, variance: str) -> torch.Tensor:
@@ -104,7 +110,7 @@ def _composed(rewards, group_ids, group_size, estimator, scale, eps, singleton, 
                                                       and variance == "biased"))
     if kernel_only:
         return kernel(estimator, scale)
-    groups = _Groups(perm, offsets, max_n, r.numel())
+    groups = _Groups(perm, offsets)
     alone = groups.size == 1
     lone_value = r  # what a group of one gets with singleton="verl"
     if estimator in ("grpo", "dr_grpo", "rloo"):
@@ -119,7 +125,8 @@ def _composed(rewards, group_ids, group_size, estimator, scale, eps, singleton, 
         lone_value = alpha * r
     elif estimator == "opo":
         weight = lengths.to(torch.float64)
-        adv = r - groups.reduce(weight * r, "sum") / groups.reduce(weight, "sum")
+        centered = r - groups.first(r)  # around the first member: equal rewards give exactly 0
+        adv = centered - groups.reduce(weight * centered, "sum") / groups.reduce(weight, "sum")
     elif estimator == "grpo_passk":
         if bool((groups.counts < 2).any()):
             raise ValueError("estimator='grpo_passk' needs at least 2 samples in every group (group_size/group_ids), "
@@ -157,7 +164,7 @@ def _passk(r: torch.Tensor, groups: _Groups, scale: str, eps: float) -> torch.Te
         return gap
     mean = groups.reduce(r, "sum") / groups.size
     std = (groups.reduce((r - mean) ** 2, "sum") / (groups.size - 1)).sqrt()
-    return gap / (std + eps)  # std > 0 wherever gap ≠ 0
+    return torch.where(gap != 0, gap / (std + eps), 0.0)  # std > 0 wherever gap ≠ 0; 0/0 (eps = 0) avoided
 
 
 def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
