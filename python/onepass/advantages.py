@@ -213,8 +213,8 @@ def _check_extra(arg, value, required, user, rewards):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
     if arg == "baselines":
         check_float(arg, value)
-    elif value.dtype.is_complex:
-        raise TypeError(f"{arg} must be a real tensor, got {value.dtype}")
+    elif value.dtype.is_complex or (arg == "lengths" and value.dtype == torch.bool):
+        raise TypeError(f"{arg} must be a real {'non-bool ' if arg == 'lengths' else ''}tensor, got {value.dtype}")
     B = rewards.shape[0]
     if (value.dim(), value.shape[0] if value.dim() else None) != (2 if arg == "mask" else 1, B):
         want = f"[B, T] = [{B}, T]" if arg == "mask" else f"[B] = [{B}]"
