@@ -185,7 +185,7 @@ def test_token_whitening_masks(backend):
     # singleton="zero" the groups of one are set to 0 after the whitening)
     tokens = out[mask].double()
     assert abs(tokens.mean().item()) < 1e-6 and abs(tokens.var(unbiased=False).item() - 1) < 1e-5
-    # every token of a row holds the same value; rows of equal x and length agree
+    # every response token of a row holds the same value
     for b in range(r.numel()):
         assert torch.equal(out[b][mask[b]], out[b][mask[b]][:1].expand(int(mask[b].sum())))
     # float masks and bool masks agree

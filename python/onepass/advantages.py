@@ -236,7 +236,9 @@ def _check_values(baselines, lengths, mask):
 def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
                          variance: str = "unbiased") -> torch.Tensor:
     """REINFORCE++ without a group baseline: discounted returns-to-go of per-token rewards, whitened over the
-    batch's response tokens (verl ``reinforce_plus_plus``; OpenRLHF ``reinforce`` with ``variance="biased"``).
+    batch's response tokens (verl ``reinforce_plus_plus``; OpenRLHF ``reinforce`` with ``variance="biased"``,
+    the same where the masked tokens are trailing padding: OpenRLHF also discounts across masked tokens inside
+    a response, verl and onepass skip them).
 
     G_t = r_t + γ·G_{t'} (t' the next response token), then (G − μ)·rsqrt(var·N/(N − 1) + 1e-8)
     (``"unbiased"``) or (G − μ)·rsqrt(max(var, 1e-8)) (``"biased"``), μ and var (biased) over the N
