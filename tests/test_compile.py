@@ -141,6 +141,21 @@ def test_compile_token_logprobs_with_entropy(backend, device):
     _compare(f, (logits, t), grad_of=(0,))
 
 
+def test_compile_forced_torch_backend():
+    """backend="torch" (plain PyTorch, traced by dynamo rather than called as a custom op) compiles with
+    fullgraph: the launcher lookup and the stats assembly are traceable."""
+    logits, other = torch.randn(5, 30) * 2, torch.randn(5, 30)
+    t = torch.randint(0, 30, (5,))
+    t[3] = -100
+
+    def f(x, y, t):
+        lp, ent = onepass.token_logprobs(x, t, temperature=0.7, return_entropy=True, backend="torch")
+        div = onepass.divergence(x, y, kind="jsd", beta=0.4, targets=t, backend="torch")
+        return lp, ent, div, onepass.sinkhorn_distance(x, y, epsilon=0.5, n_iters=4, backend="torch")
+
+    _compare(f, (logits, other, t), grad_of=(0, 1))
+
+
 def test_compile_linear_token_logprobs():
     h, w, b = torch.randn(2, 4, 16), torch.randn(64, 16) / 4, torch.randn(64)
     t = torch.randint(0, 64, (2, 4))

@@ -15,6 +15,7 @@ import enum
 import importlib
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -56,8 +57,12 @@ LAUNCHERS: dict[tuple[str, str], tuple[str, Cap]] = {
 
 
 def launcher(family: str, backend: str):
-    """The launcher module of ``family`` on ``backend``."""
-    return importlib.import_module(LAUNCHERS[(family, backend)][0])
+    """The launcher module of ``family`` on ``backend``.  Read from ``sys.modules`` once imported, which
+    torch.compile traces (``importlib`` it cannot): the AUTOGRAD launchers, whose code is traced, are
+    imported with ``onepass``."""
+    name = LAUNCHERS[(family, backend)][0]
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 def has(family: str, backend: str, cap: Cap) -> bool:
@@ -136,3 +141,10 @@ def resolve_backend(backend: str, x: torch.Tensor, family: str, op: str) -> str:
         raise TypeError(f"onepass.{op}: backend {backend!r} takes float32/float16/bfloat16 inputs; float64 runs "
                         "on backend='cpu' or 'torch'")
     return backend
+
+
+# The AUTOGRAD launchers' code is traced by torch.compile, which cannot trace ``importlib``: import them
+# with onepass (plain torch, cheap) so that ``launcher`` finds them in ``sys.modules``.
+for _module, _caps in LAUNCHERS.values():
+    if _caps & Cap.AUTOGRAD:
+        importlib.import_module(_module)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._contract import GRAD_STATS, NUM_STATS, Kind, Stat, stats_dtype
+from ..._contract import GRAD_STATS, Kind, Stat, stats_dtype
 from ...reference.vocab import divergence_from_logprobs
 
 
@@ -22,7 +22,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     """Stats [N, NUM_STATS] (float32, float64 for float64 inputs) of logits a [N, V] (and b [N, V])."""
     live = targets >= 0 if targets is not None else None
     y = targets.clamp_min(0)[:, None] if targets is not None else None
-    cols = [a.new_zeros(a.shape[0], dtype=stats_dtype(a))] * NUM_STATS
+    cols = {}  # Stat -> [N]; a dict, not a list indexed by the IntEnum, which torch.compile cannot trace
     cols[Stat.LSE_A], la = _log_softmax_rows(a, inv_temp, live)
     if need_entropy:
         p = la.exp()
@@ -38,7 +38,8 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
             # NaN policy: a row with a NaN logit or no finite logit has a NaN divergence
             normalized = torch.isfinite(cols[Stat.LSE_A]) & torch.isfinite(cols[Stat.LSE_B])
             cols[Stat.DIV] = torch.where(normalized, div, torch.full_like(div, float("nan")))
-    stats = torch.stack(cols, -1)
+    zero = a.new_zeros(a.shape[0], dtype=stats_dtype(a))
+    stats = torch.stack([cols.get(stat, zero) for stat in Stat], -1)
     return stats if live is None else torch.where(live[:, None], stats, torch.zeros_like(stats))
 
 
