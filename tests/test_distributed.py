@@ -115,10 +115,10 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
-def _compare_grads(errs, case, dist_grads, full_grads, shard_slices, scaled=False):
+def _compare_grads(errs, case, dist_grads, full_grads, shard_slices, scaled=False, atol=ATOL):
     """full_grads sliced to this rank's rows where shard_slices says so (None: compare whole)."""
     for i, (g, gf, sl) in enumerate(zip(dist_grads, full_grads, shard_slices)):
-        errs(f"{case} grad[{i}]", g, gf if sl is None else gf[sl[0]:sl[0] + sl[1]], scaled=scaled)
+        errs(f"{case} grad[{i}]", g, gf if sl is None else gf[sl[0]:sl[0] + sl[1]], atol=atol, scaled=scaled)
 
 
 def _check_token_logprobs(rank, world, errs):
@@ -250,6 +250,37 @@ def _check_divergence(rank, world, errs):
         with torch.no_grad():  # no normalizer needs a gradient: the second sweep sends D only
             no_grad = opd.linear_divergence(sh, sws, th, tws, student_bias=sbs, vocab_start=vocab_start, **kw)
         errs(case, no_grad, ref, scaled=scaled)
+
+
+def _check_divergence_float64(rank, world, errs):
+    """float64, the second-sweep kinds: values and every gradient equal the float64 reference oracle
+    (``onepass.reference``, autograd on the materialized logits) to 1e-10; gradcheck of both hidden states
+    (shared by the ranks, so a perturbation moves both ranks' logits, as in one process)."""
+    from onepass import reference
+
+    torch.manual_seed(9)
+    v, d, lead = 11, 5, (2, 3)
+    start, size = _split(v, rank, world)
+    sl = (start, size)
+    for kind, params in SWEEP2_KINDS:
+        sh, sw, sb = (_leaf(*shape).double().detach().requires_grad_() for shape in ((*lead, d), (v, d), (v,)))
+        th, tw = (_leaf(*shape).double().detach().requires_grad_() for shape in ((*lead, d), (v, d)))
+        y = _targets(lead, v)
+        sws, sbs, tws = _shard(sw, start, size), _shard(sb, start, size), _shard(tw, start, size)
+        kw = dict(kind=kind, temperature=0.7, targets=y, **params)
+
+        def par(s_hidden, t_hidden):
+            return opd.linear_divergence(s_hidden, sws, t_hidden, tws, student_bias=sbs, **kw)
+
+        out = par(sh, th)
+        ref = reference.linear_divergence(sh, sw, th, tw, student_bias=sb, **kw)
+        case = f"float64 linear_divergence {_case_name(kind, params)}"
+        errs(case, out, ref, atol=1e-10)
+        coef = torch.randn(lead, dtype=torch.float64)
+        g = _grads((coef * out).sum(), [sh, sws, sbs, th, tws])
+        gf = _grads((coef * ref).sum(), [sh, sw, sb, th, tw])
+        _compare_grads(errs, case, g, gf, [None, sl, sl, None, sl], atol=1e-10)
+        assert torch.autograd.gradcheck(par, (sh, th), fast_mode=True), case
 
 
 def _check_divergence_chunks(rank, world, errs):
@@ -486,8 +517,9 @@ def _check_communication(rank, world, errs):
 
 def check_ops(rank, world, out_dir):
     errs = _Errors()
-    for check in (_check_token_logprobs, _check_bf16, _check_policy_ref, _check_divergence, _check_divergence_chunks,
-                  _check_grpo, _check_opd, _check_bad_input, _check_communication, _check_fsdp2):
+    for check in (_check_token_logprobs, _check_bf16, _check_policy_ref, _check_divergence, _check_divergence_float64,
+                  _check_divergence_chunks, _check_grpo, _check_opd, _check_bad_input, _check_communication,
+                  _check_fsdp2):
         check(rank, world, errs)
     if rank == 0:
         (out_dir / "errors.json").write_text(json.dumps(errs.table, indent=1))

@@ -205,15 +205,16 @@ class _Head:
         self.bias = bias.contiguous() if bias is not None else None
 
     def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
-        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32, differentiable (ignored rows: index 0);
-        only its gradient is used, so a head that needs none gets zeros."""
+        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32 (fp64 for fp64 inputs), differentiable (ignored
+        rows: index 0); only its gradient is used, so a head that needs none gets zeros."""
+        dtype = stats_dtype(self.h)
         needs_grad = any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
         if not (needs_grad and torch.is_grad_enabled()):
-            return torch.zeros(local_targets.shape, dtype=torch.float32, device=local_targets.device)
+            return torch.zeros(local_targets.shape, dtype=dtype, device=local_targets.device)
         idx = local_targets.clamp_min(0)
-        z = (self.h.float() * self.w[idx].float()).sum(-1)
+        z = (self.h.to(dtype) * self.w[idx].to(dtype)).sum(-1)
         if self.bias is not None:
-            z = z + self.bias[idx].float()
+            z = z + self.bias[idx].to(dtype)
         return z * inv_temp
 
 
