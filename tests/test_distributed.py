@@ -3,7 +3,9 @@
 Every check runs inside ONE spawn of 2 ranks (spawning costs seconds): each rank holds its shard of the
 LM head(s), computes the vocab-parallel op and a loss with random coefficients, and compares values and
 gradients (hidden, its weight shard, its bias shard) with the single-process op on the full head, in fp32:
-|x − ref| ≤ ATOL + RTOL·|ref| (chi2, whose values reach 10²–10³: ATOL·max(1, max |ref|) + RTOL·|ref|).  Rank 0 writes the max abs errors (and / max |reference|) per case to a JSON file.
+|x − ref| ≤ ATOL + RTOL·|ref| (chi2, whose values reach 10²–10³: ATOL·max(1, max |ref|) + RTOL·|ref|);
+float64 checks compare with the reference oracle to 1e-10.  Rank 0 writes the max abs errors (and / max
+|reference|) per case to a JSON file.
 """
 from __future__ import annotations
 
@@ -158,29 +160,41 @@ def _check_token_logprobs(rank, world, errs):
 
 def _check_bf16(rank, world, errs):
     """bf16 inputs: the 2-rank op's error against the float64 single-process op is within the tests' rule
-    (≤ 2 × the single-process bf16 op's error + floor), values and gradients."""
+    (≤ 2 × the single-process bf16 op's error + floor), values and gradients (hidden, weight): token
+    log-probs and entropy, and a second-sweep divergence (the teacher in bf16 too), whose gradients get
+    factor 4: measured 3.8× on the hidden gradient, a sum of separately rounded bf16 partial gradients (the
+    first sweep's, the lse identity's, the second sweep's), where the single-device op rounds once."""
     torch.manual_seed(7)
     v, d, lead = 37, 32, (4, 6)
     start, size = _split(v, rank, world)
     h64, w64 = torch.randn(*lead, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64) * 0.3
     y, coef = _targets(lead, v), torch.randn(lead)
+    th64, tw64 = torch.randn(*lead, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64) * 0.3
+    ops = {
+        "linear_token_logprobs": (2.0, ("logp", "entropy"), lambda module, h, w, th, tw: module.linear_token_logprobs(
+            h, w, y, temperature=0.9, return_entropy=True)),
+        "linear_divergence hellinger": (4.0, ("value",), lambda module, h, w, th, tw: (module.linear_divergence(
+            h, w, th, tw, kind="hellinger", temperature=0.9, targets=y),)),
+    }
 
-    def run(op, h, w):
+    def run(outputs, module, h, w, th, tw):
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        lp, ent = op(h, w, y, temperature=0.9, return_entropy=True)
-        gh, gw = _grads((coef * lp).sum() + (coef * ent).sum(), [h, w])
-        return lp, ent, gh, gw
+        out = outputs(module, h, w, th, tw)
+        return (*out, *_grads(sum((coef * x).sum() for x in out), [h, w]))
 
-    truth = run(onepass.linear_token_logprobs, h64, w64)
     bf = lambda x: x.to(torch.bfloat16)  # noqa: E731
-    single = run(onepass.linear_token_logprobs, bf(h64), bf(w64))
-    par = run(opd.linear_token_logprobs, bf(h64), bf(w64[start:start + size]))
-    shard = lambda i, x: x[start:start + size] if i == 3 else x  # noqa: E731
-    for i, name in enumerate(("logp", "entropy", "grad hidden", "grad weight")):
-        assert_tolerance(par[i], shard(i, truth[i]), shard(i, single[i]), torch.bfloat16, f"bf16 {name}")
-        # recorded only (the bound is the rule above): bf16 gradients may differ by an ulp
-        errs(f"bf16 linear_token_logprobs {name} (vs single-process bf16)", par[i].float(),
-             shard(i, single[i]).float(), atol=float("inf"))
+    for op, (factor, names, outputs) in ops.items():
+        truth = run(outputs, onepass, h64, w64, th64, tw64)
+        single = run(outputs, onepass, bf(h64), bf(w64), bf(th64), bf(tw64))
+        par = run(outputs, opd, bf(h64), bf(w64[start:start + size]), bf(th64), bf(tw64[start:start + size]))
+        names = (*names, "grad hidden", "grad weight")
+        shard = lambda i, x: x[start:start + size] if i == len(names) - 1 else x  # noqa: E731
+        for i, name in enumerate(names):
+            assert_tolerance(par[i], shard(i, truth[i]), shard(i, single[i]), torch.bfloat16, f"bf16 {op} {name}",
+                             factor=factor if name.startswith("grad") else 2.0)
+            # recorded only (the bound is the rule above): bf16 gradients may differ by an ulp
+            errs(f"bf16 {op} {name} (vs single-process bf16)", par[i].float(), shard(i, single[i]).float(),
+                 atol=float("inf"))
 
 
 def _check_policy_ref(rank, world, errs):
