@@ -527,6 +527,20 @@ def _check_communication(rank, world, errs):
         div.sum().backward()
     assert sorted(bwd.calls) == [("all_reduce", "SUM", (n, dt), torch.float32),
                                  ("all_reduce", "SUM", (n, d), torch.float32)], bwd.calls
+    # opd_loss, a second-sweep kind (teacher without gradient): SUM [N, 4] (masses, target logits), then
+    # SUM [N', 2] (D, S_a) over the N' = 5 rows the mask keeps; backward the student's dH only.
+    mask = torch.ones(2, 3)
+    mask[1, 2] = 0
+    with pytest.MonkeyPatch.context() as mp_, _CountCollectives(mp_) as fwd:
+        loss, _ = opd.opd_loss(h.view(2, 3, d), w, th.view(2, 3, dt), tw, y.clamp_min(0).view(2, 3), mask=mask,
+                               divergence="alpha", alpha=2.0)
+    assert fwd.calls == [("all_gather", None, (2,), torch.int64),
+                         ("all_reduce", "MAX", (n, 2), torch.float32),
+                         ("all_reduce", "SUM", (n, 4), torch.float32),
+                         ("all_reduce", "SUM", (n - 1, 2), torch.float32)], fwd.calls
+    with pytest.MonkeyPatch.context() as mp_, _CountCollectives(mp_) as bwd:
+        loss.backward()
+    assert bwd.calls == [("all_reduce", "SUM", (n, d), torch.float32)], bwd.calls
 
 
 def check_ops(rank, world, out_dir):

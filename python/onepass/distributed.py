@@ -204,12 +204,15 @@ class _Head:
         self.w = weight.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
 
+    @property
+    def needs_grad(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
+
     def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
         """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32 (fp64 for fp64 inputs), differentiable (ignored
         rows: index 0); only its gradient is used, so a head that needs none gets zeros."""
         dtype = stats_dtype(self.h)
-        needs_grad = any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
-        if not (needs_grad and torch.is_grad_enabled()):
+        if not (self.needs_grad and torch.is_grad_enabled()):
             return torch.zeros(local_targets.shape, dtype=dtype, device=local_targets.device)
         idx = local_targets.clamp_min(0)
         z = (self.h.to(dtype) * self.w[idx].to(dtype)).sum(-1)
@@ -293,10 +296,13 @@ class _GlobalDivergence(torch.autograd.Function):
 def _global_divergence(a: _Head, b: _Head, lse_a: Tensor, lse_b: Tensor, valid: Tensor, inv_temp: float, divergence,
                        group) -> Tensor:
     """D [N] of ``divergence`` (kind, β, α) over the full vocabulary from the shards and the global normalizers
-    [N]; 0 on the rows that are not ``valid`` (left out of the sweep: no cost, no gradient)."""
+    [N]; 0 on the rows that are not ``valid`` (left out of the sweep: no cost, no gradient).  A normalizer
+    enters as a constant when its head needs no gradient (the stats column may still carry autograd
+    history from the other head), so its S is neither computed nor sent."""
     idx = valid.nonzero()[:, 0]
-    div = _GlobalDivergence.apply(a.h[idx], a.w, a.bias, b.h[idx], b.w, b.bias, lse_a[idx], lse_b[idx], inv_temp,
-                                  divergence, group)
+    rows_a, rows_b = (lse[idx] if head.needs_grad else lse[idx].detach() for head, lse in ((a, lse_a), (b, lse_b)))
+    div = _GlobalDivergence.apply(a.h[idx], a.w, a.bias, b.h[idx], b.w, b.bias, rows_a, rows_b, inv_temp, divergence,
+                                  group)
     return lse_a.new_zeros(lse_a.shape).index_put((idx,), div)
 
 
