@@ -80,6 +80,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch, _validate
 from ._contract import Kind, Stat, VocabStats, kernel_kind, stats_dtype
@@ -268,6 +269,7 @@ class _GlobalDivergence(torch.autograd.Function):
         return cols[:, 0].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, sum_a, sum_b = ctx.saved_tensors
         inv_temp, divergence, step = ctx.params
