@@ -58,12 +58,13 @@ def max_err(x: torch.Tensor, truth: torch.Tensor, strict: bool = True) -> float:
     return (x[keep] - truth[keep]).abs().max().item()
 
 
-def assert_tolerance(out, truth, naive, dtype, what="", scale=1.0):
-    """err(out) ≤ 2·err(naive same-dtype) + floor·scale; an output stored in bf16/fp16 (gradients)
-    may also be off by one unit in the last place at the largest reference magnitude."""
+def assert_tolerance(out, truth, naive, dtype, what="", scale=1.0, factor=2.0):
+    """err(out) ≤ factor·err(naive same-dtype) + floor·scale (factor 2 unless a test states why more); an
+    output stored in bf16/fp16 (gradients) may also be off by one unit in the last place at the largest
+    reference magnitude."""
     err = max_err(out, truth)
     naive_err = max_err(naive, truth, strict=False) if naive is not None else 0.0
-    bound = 2 * naive_err + FLOOR[dtype] * scale
+    bound = factor * naive_err + FLOOR[dtype] * scale
     if out.dtype in (torch.bfloat16, torch.float16):
         finite = truth[torch.isfinite(truth)]
         bound += torch.finfo(out.dtype).eps * (finite.abs().max().item() if finite.numel() else 0.0)

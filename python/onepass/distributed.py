@@ -22,12 +22,32 @@ shard masses w_r = e_r / s (u_r likewise for the second model b), the global val
     KL(p‖q) = Σ_r e_r (D^r + lse_a^r − lse_b^r) / s_a − lse_a + lse_b      (E_p[a − b] − lse_a + lse_b)
     KL(q‖p) likewise with a ↔ b
 
-so every sum travels in ONE SUM all-reduce of [N, k] fp32 columns.  Supported divergences: reverse_kl and
-forward_kl (and jsd with β ∈ {0, 1}, alpha with α ∈ {0, 1}, which are KL).  jsd (0 < β < 1), tv,
-hellinger, chi2 and alpha (α ∉ {0, 1}) raise ``ValueError``: their per-entry terms need the GLOBAL
-normalizers inside the sweep (φ(a_v − lse_a, b_v − lse_b) does not split into per-shard statistics), and
-the single-device op normalizes by its own shard; they need a sweep entry point that takes per-row
-lse_a, lse_b (one more MAX + SUM round in the forward, S_a, S_b summed for the backward).
+so every sum travels in ONE SUM all-reduce of [N, k] fp32 columns.  These are the KL kinds (reverse_kl,
+forward_kl, and jsd with β ∈ {0, 1}, alpha with α ∈ {0, 1}): one sweep.
+
+Every other divergence (jsd with 0 < β < 1, tv, hellinger, chi2, alpha with α ∉ {0, 1}) takes a SECOND
+sweep: its per-entry term φ(a_v − lse_a, b_v − lse_b) (docs/vocab_stats.md) needs the GLOBAL normalizers,
+which the single-device op, normalizing by its own shard, does not have.  The first sweep (above, without a
+divergence column) gives the global lse_a, lse_b; then each rank sums φ over its shard, and, for each model
+whose gradient is needed, S = Σ_v ∂φ/∂(a_v − lse) (resp. b), and ONE SUM all-reduce of [N', 1 + #S]
+(N' = the rows not ignored) gives D = Σ_r Σ_{v in shard r} φ and the global S_a, S_b.  Backward, with no
+communication: dL/da_v = g·∂φ/∂a_v at fixed lse on the rank's own shard, and dL/dlse_a = −g·S_a (all the
+vocabulary's terms), the same on every rank, which the lse's straight-through sums below route to each
+rank's shard as −g·S_a·p_v: together the exact g·(∂φ/∂a_v − p_v Σ_u ∂φ/∂a_u).
+
+The second sweep is plain torch on row chunks (``_GlobalDivergence``, with the φ of
+``onepass.reference.vocab.divergence_from_logprobs``), not a fused kernel.  Cost: in the forward the chunk's
+[rows, V_r] logits of both heads are recomputed (one more matrix product per model) and the φ terms are
+evaluated and differentiated w.r.t. the normalizers by autograd on the chunk; the backward recomputes them
+(again one product per model) and differentiates w.r.t. the logits, then applies dL/dlogits to the hidden
+states, the weight and bias shards (two products per model needing a gradient) — on top of the first sweep's
+own forward and backward.  Memory: a chunk holds about ``_SWEEP2_BUFFERS`` [rows, V_r] temporaries of the
+compute dtype, and its rows are chosen so that together they stay within the op layer's ``CHUNK_BYTES``
+(16 MiB on the CPU, 256 MiB on GPUs); nothing of size [N, V_r] is allocated.  Numerics are the reference's
+(fp32, alpha's sum in fp64), not the kernels' guarded forms (no expm1 forms for p ≈ q; chi2 where q
+underflows to 0 but p does not is +inf).  Follow-up: a vocab-stats kernel entry point that takes given
+per-row lse_a, lse_b and returns the shard's D, S_a, S_b (and its backward from them) would make it one fused
+sweep each way.
 
 Backward: the sums are straight-through (value: the all-reduced sum; gradient: to this rank's own term),
 so each rank's autograd computes, with no communication, the exact gradient of the (replicated) loss with
@@ -43,7 +63,10 @@ Communication per row (fp32, payload of the collectives; a ring all-reduce moves
 forward 4 bytes per MAX column (1 for one model, 2 for two) + 4 bytes per SUM column:
 linear_token_logprobs 4 + 8 (12 with entropy), linear_divergence 8 + 12, linear_policy_ref_stats and
 grpo_loss with a reference head and kl_estimator='full' 8 + 24 (other estimators 8 + 20), grpo_loss
-without a reference head 4 + 12, opd_loss 8 + 20 (sampled: 8 + 16);
+without a reference head 4 + 12, opd_loss 8 + 20 (sampled: 8 + 16).  The second-sweep kinds send one
+column less in the first SUM and then a second SUM of 4 bytes (D) + 4 per model needing a gradient
+(S_a, S_b), over the rows not ignored: linear_divergence 8 + 8 + 12 (teacher with a gradient; 8 without,
+4 under no_grad), opd_loss 8 + 16 + 8, grpo_loss with kl_estimator='full' 8 + 20 + 8 (3 collectives, not 2);
 backward D × (bytes of the hidden dtype) per model whose hidden states need a gradient (the dH
 all-reduce: 4·D for fp32), nothing else.  Per call, not per row: an all-gather of 2 int64 per rank.
 
@@ -57,16 +80,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch, _validate
-from ._contract import Kind, Stat, VocabStats, kernel_kind
-from ._ops.vocab_stats import linear_vocab_stats, rows
+from ._contract import Kind, Stat, VocabStats, kernel_kind, stats_dtype
+from ._ops.vocab_stats import LinearGradAccumulator, _chunk_logits_pair, _rows_per_chunk, linear_vocab_stats, rows
 from .kl import policy_ref_outputs
 from .losses import (MASKED_TARGET, OPD_SAMPLED, _constants, _weighted_sum, aggregation_weights, check_grpo_inputs,
                      check_opd_inputs, masked_targets, opd_metrics, opd_token_loss, policy_loss, token_kl)
+from .reference.vocab import divergence_from_logprobs
 
-#: Divergence kinds whose sums split over vocabulary shards (see the module docstring).
+#: Divergence kinds whose sums split over vocabulary shards (see the module docstring); the others take
+#: the second sweep (``_GlobalDivergence``).
 _KL_KINDS = (Kind.REVERSE_KL, Kind.FORWARD_KL)
+#: [rows, V_r] temporaries of one chunk of the second sweep alive at once: the two logit blocks, the ones
+#: autograd saves for the φ terms (3 for tv up to 9 fp32-equivalents for jsd and alpha, counted with
+#: saved_tensors_hooks) and the gradient.  A chunk has CHUNK_BYTES / this many bytes of logits, so that all
+#: of them together stay within the op layer's CHUNK_BYTES.
+_SWEEP2_BUFFERS = 12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,31 +205,124 @@ class _Head:
         self.w = weight.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
 
+    @property
+    def needs_grad(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
+
     def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
-        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32, differentiable (ignored rows: index 0);
-        only its gradient is used, so a head that needs none gets zeros."""
-        needs_grad = any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
-        if not (needs_grad and torch.is_grad_enabled()):
-            return torch.zeros(local_targets.shape, dtype=torch.float32, device=local_targets.device)
+        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32 (fp64 for fp64 inputs), differentiable (ignored
+        rows: index 0); only its gradient is used, so a head that needs none gets zeros."""
+        dtype = stats_dtype(self.h)
+        if not (self.needs_grad and torch.is_grad_enabled()):
+            return torch.zeros(local_targets.shape, dtype=dtype, device=local_targets.device)
         idx = local_targets.clamp_min(0)
-        z = (self.h.float() * self.w[idx].float()).sum(-1)
+        z = (self.h.to(dtype) * self.w[idx].to(dtype)).sum(-1)
         if self.bias is not None:
-            z = z + self.bias[idx].float()
+            z = z + self.bias[idx].to(dtype)
         return z * inv_temp
 
 
+def _phi_sum(za: Tensor, zb: Tensor, lse_a: Tensor, lse_b: Tensor, inv_temp: float, divergence) -> Tensor:
+    """Σ_v φ(a_v − lse_a, b_v − lse_b) [rows] over the columns of the raw logit blocks za, zb [rows, V_r]
+    (a = za/T), given the rows' normalizers lse_a, lse_b [rows]; φ of ``divergence`` = (kind, β, α) as in
+    ``onepass.reference.vocab.divergence_from_logprobs`` (the sum of per-entry terms, so shards add up)."""
+    kind, beta, alpha = divergence
+    return divergence_from_logprobs(za * inv_temp - lse_a[:, None], zb * inv_temp - lse_b[:, None], kind.name.lower(),
+                                    beta, alpha)
+
+
+class _GlobalDivergence(torch.autograd.Function):
+    """The second sweep: D [n] = Σ_{v < V} φ(a_v − lse_a, b_v − lse_b) from this rank's shards of both heads
+    and the GLOBAL normalizers lse_a, lse_b [n] (the first sweep's, all-reduced).
+
+    Forward: the shard's partial sum in row chunks (a [chunk, V_r] logits block per model, recomputed, never
+    [n, V_r]), and, for each normalizer that needs a gradient, S = Σ_{v in shard} ∂φ/∂(a_v − lse) (autograd
+    on the chunk); [D, S_a, S_b] travel in ONE SUM all-reduce.  Backward, no communication: per chunk,
+    dL/dz_v = g·∂φ/∂z_v at fixed lse (autograd on the recomputed chunk) applied to this rank's hidden and
+    weight and bias shards, and dL/dlse = −g·S with the summed S (∂D/∂lse = −Σ over every rank's entries),
+    the same on every rank, so lse's straight-through sums route it exactly to each rank's own shard.
+    Plain torch on chunks, not a fused kernel (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, inv_temp, divergence, group):
+        n, v_shard = ha.shape[0], wa.shape[0]
+        dtype = stats_dtype(ha)
+        need_lse = [i for i in (0, 1) if ctx.needs_input_grad[6 + i]]
+        step = _rows_per_chunk(ha, v_shard * _SWEEP2_BUFFERS)
+        logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
+        cols = torch.zeros(n, 1 + len(need_lse), dtype=dtype, device=ha.device)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            za, zb = logits_a(s, e).to(dtype), logits_b(s, e).to(dtype)
+            lse = [lse_a[s:e].detach(), lse_b[s:e].detach()]
+            with torch.enable_grad():
+                for i in need_lse:
+                    lse[i] = lse[i].clone().requires_grad_()
+                div = _phi_sum(za, zb, lse[0], lse[1], inv_temp, divergence)
+                if need_lse:
+                    cols[s:e, 1:] = -torch.stack(torch.autograd.grad(div.sum(), [lse[i] for i in need_lse]), -1)
+            cols[s:e, 0] = div.detach()
+        dist.all_reduce(cols, op=dist.ReduceOp.SUM, group=group)
+        sums = {i: cols[:, 1 + k] for k, i in enumerate(need_lse)}
+        ctx.save_for_backward(ha, wa, bias_a, hb, wb, bias_b, lse_a.detach(), lse_b.detach(), sums.get(0), sums.get(1))
+        ctx.params = (inv_temp, divergence, step)
+        return cols[:, 0].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, sum_a, sum_b = ctx.saved_tensors
+        inv_temp, divergence, step = ctx.params
+        needs = ctx.needs_input_grad[:6]
+        need_z = (any(needs[0:3]), any(needs[3:6]))
+        dtype = stats_dtype(ha)
+        acc = (LinearGradAccumulator(ha, wa, bias_a, *needs[0:3]), LinearGradAccumulator(hb, wb, bias_b, *needs[3:6]))
+        logits_a, logits_b = _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, step)
+        g = g.to(dtype)
+        if any(need_z):
+            for s in range(0, ha.shape[0], step):
+                e = min(ha.shape[0], s + step)
+                z = [logits_a(s, e).to(dtype).detach().requires_grad_(need_z[0]),
+                     logits_b(s, e).to(dtype).detach().requires_grad_(need_z[1])]
+                with torch.enable_grad():
+                    div = _phi_sum(z[0], z[1], lse_a[s:e], lse_b[s:e], inv_temp, divergence)
+                    dz = iter(torch.autograd.grad(div, [x for x in z if x.requires_grad], grad_outputs=g[s:e]))
+                for model, need in enumerate(need_z):
+                    if need:
+                        acc[model].add(s, e, next(dz))
+        out_a, out_b = acc[0].result(wa, bias_a), acc[1].result(wb, bias_b)
+        d_lse = [-g * x if x is not None else None for x in (sum_a, sum_b)]
+        return (*out_a, *out_b, *d_lse, None, None, None)
+
+
+def _global_divergence(a: _Head, b: _Head, lse_a: Tensor, lse_b: Tensor, valid: Tensor, inv_temp: float, divergence,
+                       group) -> Tensor:
+    """D [N] of ``divergence`` (kind, β, α) over the full vocabulary from the shards and the global normalizers
+    [N]; 0 on the rows that are not ``valid`` (left out of the sweep: no cost, no gradient).  A normalizer
+    enters as a constant when its head needs no gradient (the stats column may still carry autograd
+    history from the other head), so its S is neither computed nor sent."""
+    idx = valid.nonzero()[:, 0]
+    rows_a, rows_b = (lse[idx] if head.needs_grad else lse[idx].detach() for head, lse in ((a, lse_a), (b, lse_b)))
+    div = _GlobalDivergence.apply(a.h[idx], a.w, a.bias, b.h[idx], b.w, b.bias, rows_a, rows_b, inv_temp, divergence,
+                                  group)
+    return lse_a.new_zeros(lse_a.shape).index_put((idx,), div)
+
+
 def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, inv_temp, kind: Kind,
-                          need_logp: bool, need_entropy: bool, backend, group, vocab_start) -> VocabStats:
+                          need_logp: bool, need_entropy: bool, backend, group, vocab_start, beta=0.0,
+                          alpha=0.0) -> VocabStats:
     """Global per-row stats [lead] over the full vocabulary from the shards, for ``targets`` [lead] global ids
-    (or None): lse_a, lse_b, and as requested logp_a, logp_b, entropy, div (``kind`` NONE or a KL kind); the
-    other columns are 0.  Rows with an ignored target are 0 (and get no gradient)."""
+    (or None): lse_a, lse_b, and as requested logp_a, logp_b, entropy, div (of the kernel kind ``kind`` with
+    ``beta``, ``alpha``; NONE: none); the other columns are 0.  Rows with an ignored target are 0 (and get no
+    gradient)."""
     n, v_shard = a.h.shape[0], a.w.shape[0]
     start, vocab = _shard_range(v_shard, vocab_start, a.h.device, group)
     global_targets = _validate.kernel_targets(targets, lead, vocab, ignore_index)
     local_t, owned, valid = _local_targets(global_targets, n, start, v_shard, a.h.device)
     second = (b.h, b.w, b.bias) if b is not None else (None, None, None)
+    shard_kind = kind if kind in _KL_KINDS else Kind.NONE  # the other kinds: a second sweep, below
     shard = linear_vocab_stats(a.h, a.w, a.bias, *second, targets=local_t, inv_temp=inv_temp, backend=backend,
-                               kind=kind, need_entropy=need_entropy)
+                               kind=shard_kind, need_entropy=need_entropy)
     # Per model (a, then b): its shard's lse and target logit, values from the op, gradients through a_{y'}.
     models = [(a, shard.lse_a, shard.logp_a)] + ([(b, shard.lse_b, shard.logp_b)] if b is not None else [])
     lse, logit = [], []
@@ -214,7 +338,7 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
     if need_entropy:
         cols.append(e[0] * (lse[0] - shard.entropy))
     p, q = (0, 1) if kind == Kind.REVERSE_KL else (1, 0)  # KL(p‖q): a‖b or b‖a
-    if kind != Kind.NONE:
+    if shard_kind != Kind.NONE:
         cols.append(e[p] * (shard.div + lse[p] - lse[q]))
     sums = iter(_sum_over_ranks(torch.stack(cols, -1), group).unbind(-1))
     mass = [next(sums) for _ in models]
@@ -227,8 +351,10 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
             out[stat] = next(sums) - g
     if need_entropy:
         out[Stat.ENTROPY] = glse[0] - next(sums) / mass[0]
-    if kind != Kind.NONE:
+    if shard_kind != Kind.NONE:
         out[Stat.DIV] = next(sums) / mass[p] - glse[p] + glse[q]
+    elif kind != Kind.NONE:
+        out[Stat.DIV] = _global_divergence(a, b, glse[0], glse[1], valid, inv_temp, (kind, beta, alpha), group)
     zero = torch.zeros_like(glse[0])
     columns = [torch.where(valid, out[stat], 0.0) if stat in out else zero for stat in Stat]
     return VocabStats(torch.stack(columns, -1)).view(*lead)
@@ -247,15 +373,6 @@ def _check_pair(a_hidden, a_weight, a_bias, b_hidden, b_weight, b_bias, b_prefix
     _validate.check_same_device(**{f"{a_prefix}hidden": a_hidden, f"{a_prefix}weight": a_weight,
                                    f"{b_prefix}hidden": b_hidden, f"{b_prefix}weight": b_weight,
                                    f"{a_prefix}bias": a_bias, f"{b_prefix}bias": b_bias})
-
-
-def _kl_kind(kind: Kind, name: str, value, beta, alpha) -> Kind:
-    """``kind`` (a kernel kind from ``kernel_kind``) if it is a KL kind, else ValueError naming ``name``."""
-    if kind not in _KL_KINDS:
-        raise ValueError(f"onepass.distributed supports {name}='reverse_kl' and 'forward_kl' (and jsd with beta in "
-                         f"{{0, 1}}, alpha with alpha in {{0, 1}}); {value!r} with beta={beta}, alpha={alpha} needs "
-                         "the global normalizers inside a second vocabulary sweep, not implemented")
-    return kind
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,36 +407,39 @@ def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                       teacher_bias=None, kind="reverse_kl", beta=0.5, alpha=0.5, temperature=1.0, targets=None,
                       ignore_index=-100, backend="auto", group=None, vocab_start=None):
-    """``onepass.linear_divergence`` on vocabulary shards of both heads; ``kind`` reverse_kl or forward_kl
-    (see the module docstring).  Gradients to the student, and to the teacher when it requires grad."""
+    """``onepass.linear_divergence`` on vocabulary shards of both heads, every ``kind`` (reverse_kl and
+    forward_kl in one sweep, the others in two: see the module docstring).  Gradients to the student, and
+    to the teacher when it requires grad."""
     _check_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 "teacher_", "student_")
-    code = _kl_kind(kernel_kind(kind, beta, alpha)[0], "kind", kind, beta, alpha)
+    code, beta, alpha = kernel_kind(kind, beta, alpha)
     group, inv_temp, be = _prepare("linear_divergence", backend, student_hidden, group, temperature)
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group), targets,
                                   student_hidden.shape[:-1], ignore_index, inv_temp, code, False, False, be, group,
-                                  vocab_start)
+                                  vocab_start, beta, alpha)
     return stats.div
 
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
+              ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
               backend="auto", group=None, vocab_start=None):
     """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: the distributed
-    stats, then the per-token KL of ``kl_estimator`` and ``policy_loss`` (replicated on every rank).  Returns
-    (loss, metrics); gradients to the policy only."""
+    stats, then the per-token KL of ``kl_estimator`` (with "full": the ``ref_divergence`` penalty, any kind)
+    and ``policy_loss`` (replicated on every rank).  Returns (loss, metrics); gradients to the policy only."""
     check_grpo_inputs(hidden, weight, targets, advantages, mask=mask, bias=bias, old_logp=old_logp, ref_logp=ref_logp,
                       ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl_estimator=kl_estimator,
-                      beta=beta)
+                      beta=beta, ref_divergence=ref_divergence)
+    kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
+                                 if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
     two = ref_hidden is not None
     group, inv_temp, be = _prepare("grpo_loss", backend, hidden, group, temperature)
     ref_head = _Head(ref_hidden, ref_weight, ref_bias, group, detach=True) if two else None
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), ref_head, masked_targets(targets, mask),
-                                  targets.shape, MASKED_TARGET, inv_temp,
-                                  Kind.REVERSE_KL if kl_estimator == "full" else Kind.NONE, True, True, be, group,
-                                  vocab_start)
+                                  targets.shape, MASKED_TARGET, inv_temp, kind, True, True, be, group, vocab_start,
+                                  div_beta, div_alpha)
     kl = token_kl(stats, _constants(mask, ref_logp=ref_logp)["ref_logp"], kl_estimator, two)
     return policy_loss(stats.logp_a, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=stats.entropy,
                        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
@@ -330,21 +450,19 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
              teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto", group=None,
              vocab_start=None):
-    """``onepass.opd_loss`` with vocabulary shards of the student and teacher heads; ``divergence`` is
-    reverse_kl, forward_kl or sampled_reverse_kl: the distributed stats, then ``opd_token_loss`` aggregated
-    (replicated on every rank).  Gradients to the student only."""
+    """``onepass.opd_loss`` with vocabulary shards of the student and teacher heads, every ``divergence``:
+    the distributed stats, then ``opd_token_loss`` aggregated (replicated on every rank).  Gradients to the
+    student only."""
     _, kind, beta, alpha = check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
                                             mask=mask, divergence=divergence, beta=beta, alpha=alpha,
                                             reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
                                             teacher_bias=teacher_bias)
     sampled = divergence == OPD_SAMPLED
-    if not sampled:
-        _kl_kind(kind, "divergence", divergence, beta, alpha)
     group, inv_temp, be = _prepare("opd_loss", backend, student_hidden, group, temperature)
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group, detach=True),
                                   masked_targets(targets, mask), targets.shape, MASKED_TARGET, inv_temp, kind, True,
-                                  False, be, group, vocab_start)
+                                  False, be, group, vocab_start, beta, alpha)
     ref_logp = _constants(mask, ref_logp=ref_logp)["ref_logp"]
     per_token = opd_token_loss(stats, ref_logp, sampled=sampled, reward_scale=float(reward_scale))
     loss = _weighted_sum(aggregation_weights(mask, loss_agg), per_token)
