@@ -290,7 +290,7 @@ class Trainer:
         if self.parallel.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            checkpoint.write_model(self.model, self.tokenizer, tmp, state_dict)
+            checkpoint.write_model(self.model, self.tokenizer, tmp, state_dict=state_dict)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
