@@ -82,6 +82,7 @@ def _train_rank(rank, world, port, model_dir, out, overrides, resume, crash_call
     try:
         run(_config(model_dir, out, *overrides), resume=resume)
     except BaseException as exc:  # which rank failed first: its error is the job's root cause
+        Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"rank{rank}.error").write_text(f"{time.time()!r}\n{exc!r}")
         raise
 

@@ -55,7 +55,7 @@ class Parallel:
             if missing:
                 raise ConfigError(f"parallel: {mode} needs a torchrun launch (torchrun --nproc-per-node N -m "
                                   f"onepass.train ...): the environment variables {missing} are not set")
-            dist.init_process_group("cpu:gloo,cuda:nccl")
+            dist.init_process_group("cpu:gloo,cuda:nccl" if dist.is_nccl_available() else "gloo")
             self.owns_group = True
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
