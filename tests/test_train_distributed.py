@@ -5,9 +5,10 @@
   call (``rollout.prompts_per_generate=1``), so the rollouts are the same; the metrics and the final
   weights agree within RTOL / ATOL below (fp32; the only differences are summation orders).
 - A rank that raises mid-step (a reward on rank 1 in step 2) ends the whole job with the error, no hang;
-  resuming from the last checkpoint on 2 ranks gives the uninterrupted 2-rank run (DDP: the atomic
-  safetensors checkpoint; FSDP2: ``torch.distributed.checkpoint``) within 1e-6.
-- The FSDP2 run is launched through the real CLI: ``python -m torch.distributed.run --standalone
+  the 2-rank run resumed from checkpoint-1 (DDP: the atomic safetensors checkpoint; FSDP2:
+  ``torch.distributed.checkpoint``) is the run compared with the uninterrupted 1-process run, so one
+  comparison covers equality and exact resume (launches are the expensive part: 4 in all).
+- The FSDP2 runs are launched through the real CLI: ``python -m torch.distributed.run --standalone
   --nproc-per-node 2 -m onepass.train grpo --config ...``.
 - Gradient accumulation: 1 micro-batch and 4 micro-batches of ragged completions give the same gradients
   for token-mean and seq-mean-token-mean (the loss normalizer is the mini-batch's, not the micro-batch's).
@@ -29,7 +30,7 @@ from onepass.train import Trainer, load_config, run
 from onepass.train.rollout import concat
 from onepass.train.tiny import build_tiny_model
 
-from _train_helpers import SMALL, assert_same_run
+from _train_helpers import SMALL
 
 WORLD = 2
 RTOL, ATOL = 1e-5, 1e-6           # 2 ranks vs 1 process (fp32, different summation orders)
@@ -135,47 +136,46 @@ def _assert_equals_single_process(single, multi) -> dict:
     return worst
 
 
-def test_ddp_equals_single_process_and_resumes_after_a_rank_fails(setup):
+def test_ddp_rank_failure_then_resume_equals_single_process(setup):
+    """Rank 1 raises in step 2: the job ends with its error (no hang); resumed from checkpoint-1 on 2 ranks,
+    the run (step 1 before the failure, step 2 after the resume) equals the uninterrupted 1-process run."""
     model_dir, root, single = setup
-    full = root / "ddp_full"
-    _spawn_run(model_dir, root, full, ["parallel=ddp"])
-    print("\nDDP 2 ranks vs 1 process, max abs diff:", _assert_equals_single_process(single, full))
-    assert (full / "checkpoint-2" / "model" / "model.safetensors").is_file()
-    assert not (full / "checkpoint-2" / "dcp").exists()
-
-    split = root / "ddp_split"
+    out = root / "ddp"
     t0 = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException):
-        _spawn_run(model_dir, root, split, ["parallel=ddp"], crash_call=2)
-    assert "dist_reward:reward" in _first_error(split) and "rank 1 crashed mid-step" in _first_error(split)
+        _spawn_run(model_dir, root, out, ["parallel=ddp"], crash_call=2)
     assert time.monotonic() - t0 < SPAWN_TIMEOUT_S
-    assert (split / "checkpoint-last").resolve() == (split / "checkpoint-1").resolve()
-    _spawn_run(model_dir, root, split, ["parallel=ddp"], resume=str(split / "checkpoint-last"))
-    assert_same_run(full, split, [1, 2])
+    assert "dist_reward:reward" in _first_error(out) and "rank 1 crashed mid-step" in _first_error(out)
+    assert (out / "checkpoint-last").resolve() == (out / "checkpoint-1").resolve()
+    assert (out / "checkpoint-1" / "model" / "model.safetensors").is_file()
+    _spawn_run(model_dir, root, out, ["parallel=ddp"], resume=str(out / "checkpoint-last"))
+    print("\nDDP 2 ranks (resumed) vs 1 process, max abs diff:", _assert_equals_single_process(single, out))
 
 
-def test_fsdp2_torchrun_cli_equals_single_process_and_dcp_resume(setup):
-    model_dir, root, single = setup
-    full = root / "fsdp2_full"
-    config = root / "fsdp2.yaml"
-    config.write_text("parallel: fsdp2\nrewards:\n  - function: dist_reward:reward\n")
-    args = [f"model.path={model_dir}", f"output_dir={full}", *[a for a in COMMON if not a.startswith("rewards=")]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ONEPASS_TEST_CRASH_CALL": "0"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+def _torchrun(root, config, args, crash_call=0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ONEPASS_TEST_CRASH_CALL": str(crash_call)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
                            "-m", "onepass.train", "grpo", "--config", str(config), *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("final model:") == 1, proc.stdout   # rank 0 alone reports
-    print("\nFSDP2 2 ranks vs 1 process, max abs diff:", _assert_equals_single_process(single, full))
-    assert (full / "checkpoint-2" / "dcp").is_dir() and not (full / "checkpoint-2" / "model").exists()
 
-    split = root / "fsdp2_split"
-    with pytest.raises(mp.ProcessRaisedException):
-        _spawn_run(model_dir, root, split, ["parallel=fsdp2"], crash_call=2)
-    assert "dist_reward:reward" in _first_error(split) and "rank 1 crashed mid-step" in _first_error(split)
-    assert (split / "checkpoint-last").resolve() == (split / "checkpoint-1").resolve()
-    _spawn_run(model_dir, root, split, ["parallel=fsdp2"], resume=str(split / "checkpoint-last"))
-    assert_same_run(full, split, [1, 2])
+
+def test_fsdp2_torchrun_cli_rank_failure_then_dcp_resume_equals_single_process(setup):
+    """The CLI under torchrun with parallel: fsdp2: rank 1 raises in step 2, the job exits with its error;
+    ``--resume`` from the distributed checkpoint finishes the run, equal to the 1-process run."""
+    model_dir, root, single = setup
+    out = root / "fsdp2"
+    config = root / "fsdp2.yaml"
+    config.write_text("parallel: fsdp2\nrewards:\n  - function: dist_reward:reward\n")
+    args = [f"model.path={model_dir}", f"output_dir={out}", *[a for a in COMMON if not a.startswith("rewards=")]]
+    crashed = _torchrun(root, config, args, crash_call=2)
+    assert crashed.returncode != 0
+    assert "dist_reward:reward" in crashed.stderr and "rank 1 crashed mid-step" in crashed.stderr, crashed.stderr[-3000:]
+    assert (out / "checkpoint-last").resolve() == (out / "checkpoint-1").resolve()
+    assert (out / "checkpoint-1" / "dcp").is_dir() and not (out / "checkpoint-1" / "model").exists()
+    resumed = _torchrun(root, config, [*args, "--resume", str(out / "checkpoint-last")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("final model:") == 1, resumed.stdout   # rank 0 alone reports
+    print("\nFSDP2 2 ranks (resumed) vs 1 process, max abs diff:", _assert_equals_single_process(single, out))
 
 
 def test_parallel_config_errors(setup, monkeypatch):

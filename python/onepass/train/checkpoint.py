@@ -85,10 +85,15 @@ def load_sharded(path: Path, policy, optimizer) -> None:
 
 def full_state_dict(model) -> dict:
     """The full (unsharded) state dict of an FSDP2-sharded model on rank 0, on CPU (a collective; empty on
-    the other ranks)."""
+    the other ranks), with each tied parameter once (under its first name, as ``save_pretrained`` writes it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first_name = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(p), name)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if first_name[id(p)] != name}
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def _fresh_tmp(output_dir: Path, step: int) -> Path:

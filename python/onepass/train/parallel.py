@@ -31,14 +31,18 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 class PolicyLoss(nn.Module):
     """The policy ``model`` and ``algorithm.loss`` as one module: ``forward(micro)`` returns
-    ``algorithm.loss(model, micro)`` (the loss of a micro-batch with its own aggregation, and its metrics)."""
+    ``algorithm.loss(model, micro)`` (the loss of a micro-batch with its own aggregation, and its metrics);
+    ``forward(call=fn)`` returns ``fn(model)`` (generation, old log-probs: FSDP2 gathers the root group's
+    parameters for any forward of the root module, and needs the root's forward to come first)."""
 
     def __init__(self, model: nn.Module, algorithm):
         super().__init__()
         self.model = model
         self.algorithm = algorithm
 
-    def forward(self, micro):
+    def forward(self, micro=None, call=None):
+        if call is not None:
+            return call(self.model)
         return self.algorithm.loss(self.model, micro)
 
 
@@ -131,28 +135,18 @@ class Parallel:
             fully_shard(module, mesh=mesh)
         return module
 
-    def full_params(self, wrapped: nn.Module):
-        """Context in which the policy can be called outside ``PolicyLoss.forward`` (generation, old
-        log-probs): under FSDP2 the root group (embeddings, norm, LM head) is all-gathered; the decoder
-        layers gather their own shards in their forwards."""
-        if self.mode != "fsdp2":
-            return contextlib.nullcontext()
-        return _unsharded(wrapped)
+    def call(self, wrapped: nn.Module, fn):
+        """``fn(model)`` for uses of the policy besides the loss (generation, old log-probs); under FSDP2 inside
+        the wrapped module's forward, where the embeddings, norm and LM head are unsharded."""
+        if self.mode == "fsdp2":
+            return wrapped(call=fn)
+        return fn(wrapped.module if self.mode == "ddp" else wrapped.model)
 
     def accumulating(self, wrapped: nn.Module, sync: bool):
         """Context for a micro-batch's backward: DDP skips the gradient all-reduce unless ``sync``."""
         if self.mode == "ddp" and not sync:
             return wrapped.no_sync()
         return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _unsharded(fsdp_module):
-    fsdp_module.unshard()
-    try:
-        yield
-    finally:
-        fsdp_module.reshard()
 
 
 def full_norm(norm: torch.Tensor) -> float:

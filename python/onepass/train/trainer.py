@@ -173,12 +173,11 @@ class Trainer:
         chunk = cfg.rollout.prompts_per_generate or len(mine)
         cols = [c for c in self.rows[0] if c != cfg.data.prompt_column]
         parts = []
-        with self.parallel.full_params(self.policy):
-            for start in range(mine.start, mine.stop, chunk):
-                take = idx[start:min(start + chunk, mine.stop)]
-                torch.manual_seed(generation_seed(cfg.seed, self.step, start))
-                parts.append(self.algorithm.rollout(self.model, self.tokenizer, [self.texts[i] for i in take],
-                                                    {c: [self.rows[i][c] for i in take] for c in cols}))
+        for start in range(mine.start, mine.stop, chunk):
+            take = idx[start:min(start + chunk, mine.stop)]
+            torch.manual_seed(generation_seed(cfg.seed, self.step, start))
+            parts.append(self.parallel.call(self.policy, lambda model: self.algorithm.rollout(
+                model, self.tokenizer, [self.texts[i] for i in take], {c: [self.rows[i][c] for i in take] for c in cols})))
         longest = self.parallel.reduce([max(p.completion_mask.shape[1] for p in parts)], "max")[0]
         return concat(parts, self.tokenizer.pad_token_id, int(longest))
 
@@ -221,8 +220,8 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         batch = self._rollout()
-        with self.parallel.full_params(self.policy):
-            metrics = self._prepare_metrics(self.algorithm.prepare(self.model, batch), batch)
+        metrics = self._prepare_metrics(self.parallel.call(self.policy, lambda model: self.algorithm.prepare(model, batch)),
+                                        batch)
         self.policy.train()
         n = batch.input_ids.shape[0]
         order = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
