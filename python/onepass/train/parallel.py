@@ -140,7 +140,7 @@ class Parallel:
         the wrapped module's forward, where the embeddings, norm and LM head are unsharded."""
         if self.mode == "fsdp2":
             return wrapped(call=fn)
-        return fn(wrapped.module if self.mode == "ddp" else wrapped.model)
+        return fn(wrapped.module.model if self.mode == "ddp" else wrapped.model)
 
     def accumulating(self, wrapped: nn.Module, sync: bool):
         """Context for a micro-batch's backward: DDP skips the gradient all-reduce unless ``sync``."""
