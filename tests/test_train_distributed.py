@@ -142,13 +142,14 @@ def test_ddp_rank_failure_then_resume_equals_single_process(setup):
     model_dir, root, single = setup
     out = root / "ddp"
     t0 = time.monotonic()
+    ddp = ["parallel=ddp", "train.micro_batch_size=2"]   # 2 micro-batches per rank vs 1 in the 1-process run
     with pytest.raises(mp.ProcessRaisedException):
-        _spawn_run(model_dir, root, out, ["parallel=ddp"], crash_call=2)
+        _spawn_run(model_dir, root, out, ddp, crash_call=2)
     assert time.monotonic() - t0 < SPAWN_TIMEOUT_S
     assert "dist_reward:reward" in _first_error(out) and "rank 1 crashed mid-step" in _first_error(out)
     assert (out / "checkpoint-last").resolve() == (out / "checkpoint-1").resolve()
     assert (out / "checkpoint-1" / "model" / "model.safetensors").is_file()
-    _spawn_run(model_dir, root, out, ["parallel=ddp"], resume=str(out / "checkpoint-last"))
+    _spawn_run(model_dir, root, out, ddp, resume=str(out / "checkpoint-last"))
     print("\nDDP 2 ranks (resumed) vs 1 process, max abs diff:", _assert_equals_single_process(single, out))
 
 
@@ -166,7 +167,8 @@ def test_fsdp2_torchrun_cli_rank_failure_then_dcp_resume_equals_single_process(s
     out = root / "fsdp2"
     config = root / "fsdp2.yaml"
     config.write_text("parallel: fsdp2\nrewards:\n  - function: dist_reward:reward\n")
-    args = [f"model.path={model_dir}", f"output_dir={out}", *[a for a in COMMON if not a.startswith("rewards=")]]
+    args = [f"model.path={model_dir}", f"output_dir={out}", *[a for a in COMMON if not a.startswith("rewards=")],
+            "train.micro_batch_size=3"]   # micro-batches of 3 and 1 sequences per rank
     crashed = _torchrun(root, config, args, crash_call=2)
     assert crashed.returncode != 0
     assert "dist_reward:reward" in crashed.stderr and "rank 1 crashed mid-step" in crashed.stderr, crashed.stderr[-3000:]
@@ -218,6 +220,7 @@ def test_gradient_accumulation_is_exact(setup, loss_agg):
         assert scale > 0, name
         torch.testing.assert_close(split[name], g, rtol=1e-5, atol=1e-5 * scale)
         worst = max(worst, (split[name] - g).abs().max().item() / scale)
+    print(f"\n{loss_agg}: 4 vs 1 micro-batches, max |diff| / max |grad| = {worst:.2e}")
     if loss_agg != "token-mean":
         return
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -226,4 +229,5 @@ def test_gradient_accumulation_is_exact(setup, loss_agg):
         (loss * 0.25).backward()
     off = max(((p.grad - whole[n]).abs().max() / whole[n].abs().max()).item()
               for n, p in trainer.model.named_parameters())
+    print(f"token-mean, per-micro-batch means weighted by sequence share: {off:.2e}")
     assert off > 100 * max(worst, 1e-7), (off, worst)

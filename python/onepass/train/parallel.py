@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
