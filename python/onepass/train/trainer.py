@@ -183,7 +183,7 @@ class Trainer:
 
     def _accumulate(self, batch: Rollout, mini: torch.Tensor) -> tuple[float, dict]:
         """Backward of one mini-batch (this rank's sequences ``mini`` of ``batch``; every rank holds as many)
-        in micro-batches of ``train.micro_batch_size``.  The mini-batch's loss is Σ_mℓ / N with N the
+        in micro-batches of ``train.micro_batch_size``.  The mini-batch's loss is Σ m·ℓ / N with N the
         normalizer of ``loss.loss_agg`` over the whole mini-batch (all micro-batches, all ranks): a
         micro-batch's loss, aggregated over its own n tokens (or sequences), is scaled by n / N (and by the
         world size, since DDP and FSDP2 average gradients over ranks), which is exact for every mode.
