@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from onepass.train import Trainer, load_config, run
+from onepass.train.parallel import check_divisible
 from onepass.train.rollout import concat
 from onepass.train.tiny import build_tiny_model
 
@@ -192,6 +193,11 @@ def test_parallel_config_errors(setup, monkeypatch):
         _config(model_dir, root / "bad", "parallel=tp")
     with pytest.raises(ValueError, match="rollout.prompts_per_generate"):
         _config(model_dir, root / "bad", "rollout.prompts_per_generate=-1")
+    with pytest.raises(ValueError, match=r"train.prompts_per_step \(3\) must be divisible by the world size \(2\)"):
+        check_divisible(3, 0, 2)
+    with pytest.raises(ValueError, match=r"train.mini_batch_size \(6\) must be divisible by the world size \(4\)"):
+        check_divisible(8, 6, 4)
+    check_divisible(8, 4, 4)
 
 
 def _gradients(trainer, batch, micro: int) -> dict:
