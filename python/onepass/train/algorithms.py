@@ -19,6 +19,7 @@ import onepass
 
 from . import modeling, rewards as rewards_mod
 from .config import Config
+from .parallel import Parallel
 from .rollout import Rollout, fixed_batch, generate
 
 
@@ -27,6 +28,7 @@ class Algorithm(abc.ABC):
 
     name = "base"
     plotted = ("reward_mean", "kl", "entropy", "response_length")   # the panels of plots.png
+    parallel = Parallel("none")      # set by the trainer: this rank's place in a torchrun job
 
     @abc.abstractmethod
     def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
@@ -102,8 +104,10 @@ class GRPO(Algorithm):
 
     def prepare(self, model, batch: Rollout) -> dict:
         r, metrics = self.score(batch)
-        adv = onepass.group_advantages(r, group_size=self.cfg.rollout.num_generations,
-                                       estimator=self.cfg.advantage.estimator, scale=self.cfg.advantage.scale)
+        all_r = self.parallel.gather(r)   # batch-level scales / whitening see every rank's rewards
+        adv = onepass.group_advantages(all_r, group_size=self.cfg.rollout.num_generations,
+                                       estimator=self.cfg.advantage.estimator,
+                                       scale=self.cfg.advantage.scale)[self.parallel.local_slice(len(all_r))]
         with torch.no_grad():
             h = completion_hidden(model, batch)
             hd = modeling.head(model)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .algorithms import ALGORITHMS
@@ -25,5 +26,6 @@ def main(argv=None) -> int:
     except (ConfigError, RewardError, FileNotFoundError) as e:
         print(f"onepass-train: error: {e}", file=sys.stderr)
         return 2
-    print(f"final model: {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone reports
+        print(f"final model: {final}")
     return 0

@@ -50,6 +50,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0                        # 0: no top-k filtering
     completions_to_log: int = 2           # sampled completions printed per step
+    prompts_per_generate: int = 0         # prompts per generate call (each call seeded by seed, step and its
+                                          # first prompt's index in the step); 0: all of this rank's prompts.
+                                          # Dividing prompts_per_step / world size, sampling is the same on any
+                                          # number of ranks
 
 
 @dataclass
@@ -112,8 +116,9 @@ class TrainConfig:
     max_steps: int = 100
     prompts_per_step: int = 8
     ppo_epochs: int = 1
-    mini_batch_size: int = 0              # sequences per optimizer step; 0: the whole rollout batch
-    micro_batch_size: int = 0             # sequences per forward/backward (gradient accumulation); 0: mini batch
+    mini_batch_size: int = 0              # sequences per optimizer step (all ranks); 0: the whole rollout batch
+    micro_batch_size: int = 0             # sequences per forward/backward on a rank (gradient accumulation);
+                                          # 0: the rank's share of the mini batch
     max_grad_norm: float = 1.0
     save_steps: int = 50
     log_steps: int = 1
@@ -142,6 +147,7 @@ class Config:
     algorithm: str = "grpo"
     output_dir: str = "runs/grpo"
     seed: int = 0
+    parallel: str = "none"                # none | ddp | fsdp2 (under torchrun; see onepass.train.parallel)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: List[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
@@ -159,6 +165,7 @@ class Config:
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha")
 DISTILLATION = ("opd", "kdrl", "offline")          # the algorithms that need a teacher
 CHOICES = {
+    "parallel": ("none", "ddp", "fsdp2"),
     "model.dtype": ("float32", "bfloat16"),
     "model.init": (None, "tiny-arith"),
     "data.task": (None, "arith"),
@@ -211,6 +218,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("reference.path / reference.soup given but loss.beta is 0: no penalty would use it")
     if cfg.rollout.engine == "vllm":
         raise ConfigError("rollout.engine: vllm is not available in this version; use hf")
+    for key in ("rollout.prompts_per_generate", "train.mini_batch_size", "train.micro_batch_size"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(f"optim.warmup_steps must be in [0, train.max_steps], got {cfg.optim.warmup_steps}")
     return cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .config import RolloutConfig
 
@@ -35,6 +36,24 @@ class Rollout:
                        [self.prompts[k] for k in i], [self.completions[k] for k in i],
                        {c: [v[k] for k in i] for c, v in self.columns.items()},
                        {k: v[idx] for k, v in self.extras.items()})
+
+
+def concat(parts: list[Rollout], pad_id: int, completion_len: int = 0) -> Rollout:
+    """Rollouts (before ``prepare``: no extras) stacked into one batch: prompts left-padded to the longest,
+    completions right-padded with ``pad_id`` (mask 0) to the longest or to ``completion_len`` if longer."""
+    if any(r.extras for r in parts):
+        raise ValueError("concat: the rollouts must not be prepared yet (extras is not empty)")
+    p = max(r.prompt_len for r in parts)
+    c = max([r.completion_mask.shape[1] for r in parts] + [completion_len])
+    ids, am, cm = [], [], []
+    for r in parts:
+        left, right = p - r.prompt_len, c - r.completion_mask.shape[1]
+        ids.append(F.pad(r.input_ids, (left, right), value=pad_id))
+        am.append(F.pad(r.attention_mask, (left, right), value=0))
+        cm.append(F.pad(r.completion_mask, (0, right), value=0.0))
+    columns = {k: [x for r in parts for x in r.columns[k]] for k in parts[0].columns}
+    return Rollout(torch.cat(ids), torch.cat(am), torch.cat(cm), p, [x for r in parts for x in r.prompts],
+                   [x for r in parts for x in r.completions], columns)
 
 
 def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The trainer skeleton: config, data, rollouts, optimization, logging, checkpoints and resume.
 
-One step: take ``train.prompts_per_step`` prompts, sample ``rollout.num_generations`` completions each,
-let the algorithm score them (rewards, advantages, old log-probs), then ``train.ppo_epochs`` passes over
-the batch in mini-batches of ``train.mini_batch_size`` sequences (one AdamW update each, after gradient
-accumulation over micro-batches of ``train.micro_batch_size``; each micro-batch's loss is weighted by its
-share of the mini-batch's sequences), with grad-norm clipping and a warmup + constant/cosine schedule.
+One step: take ``train.prompts_per_step`` prompts (under ``parallel: ddp | fsdp2`` each rank takes its
+consecutive share, whole groups), sample ``rollout.num_generations`` completions each, let the algorithm
+score them (rewards, advantages, old log-probs), then ``train.ppo_epochs`` passes over the batch in
+mini-batches of ``train.mini_batch_size`` sequences (one AdamW update each, after gradient accumulation
+over micro-batches of ``train.micro_batch_size``), with grad-norm clipping and a warmup + constant/cosine
+schedule.  Gradient accumulation is exact: the loss normalizer is the mini-batch's, over all
+micro-batches and ranks (see ``Trainer._accumulate``).  Rank 0 alone logs and writes files.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from . import checkpoint, modeling
 from .algorithms import ALGORITHMS
 from .config import Config, ConfigError, to_yaml
 from .data import PromptStream, check_context, load_rows, prompt_text
-from .rollout import Rollout
+from .parallel import Parallel, check_divisible, full_norm
+from .rollout import Rollout, concat
 from .tiny import build_tiny_model, build_tiny_teacher
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +37,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def generation_seed(seed: int, step: int, first_prompt: int) -> int:
+    """The RNG seed of one generate call: a function of the run's seed, the step and the index (within the
+    step's prompts) of the call's first prompt, so that sampling does not depend on the number of ranks."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + first_prompt) % 2 ** 63
+
+
+def normalizer_count(mask: torch.Tensor, loss_agg: str) -> float:
+    """What ``loss_agg`` divides by, counted on ``mask`` [n, C]: completion tokens for token-mean, sequences
+    with at least one token for the seq-mean modes (seq-mean-token-sum-norm also divides by C, the same for
+    every micro-batch and rank: rollouts are padded to the global completion length)."""
+    if loss_agg == "token-mean":
+        return mask.sum().item()
+    return (mask.sum(-1) > 0).sum().item()
 
 
 def lr_factor(update: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -49,30 +67,38 @@ def lr_factor(update: int, warmup: int, total: int, schedule: str, min_ratio: fl
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None):
         self.cfg = cfg
+        self.parallel = Parallel(cfg.parallel)
+        check_divisible(cfg.train.prompts_per_step, cfg.train.mini_batch_size, self.parallel.world)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_partial(self.out)
+        if self.parallel.is_main:
+            checkpoint.clean_partial(self.out)
         seed_everything(cfg.seed)
         self.initial_path = self._initial_model_path()
+        teacher_path = self._teacher_path()
+        self.parallel.barrier()  # rank 0 has built the offline models
         ckpt = checkpoint.resolve(resume) if resume else None
-        load_from = ckpt / "model" if ckpt else self.initial_path
+        load_from = ckpt / "model" if ckpt and (ckpt / "model").is_dir() else self.initial_path
         self.model = modeling.load_model(load_from, cfg.model.dtype, cfg.model.gradient_checkpointing)
         self.tokenizer = modeling.load_tokenizer(load_from)
         if cfg.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {cfg.algorithm!r}")
         self.algorithm = ALGORITHMS[cfg.algorithm]()
-        self.algorithm.setup(cfg, self.model, self.tokenizer, str(self.initial_path), self._teacher_path())
+        self.algorithm.parallel = self.parallel
+        self.algorithm.setup(cfg, self.model, self.tokenizer, str(self.initial_path), teacher_path)
         self.rows = load_rows(cfg)
         self.texts = [prompt_text(r, cfg.data.prompt_column, self.tokenizer, cfg.data.chat_template) for r in self.rows]
         check_context(self.texts, self.tokenizer, cfg.rollout.max_new_tokens,
                       getattr(self.model.config, "max_position_embeddings", None))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.policy = self.parallel.wrap(self.model, self.algorithm)   # FSDP2: the parameters become shards
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
         n = cfg.train.prompts_per_step * cfg.rollout.num_generations
-        self.mini = min(cfg.train.mini_batch_size or n, n)
-        self.micro = min(cfg.train.micro_batch_size or self.mini, self.mini)
+        self.mini = min(cfg.train.mini_batch_size or n, n)               # sequences per update, all ranks
+        self.mini_local = self.mini // self.parallel.world
+        self.micro = min(cfg.train.micro_batch_size or self.mini_local, self.mini_local)
         per_step = cfg.train.ppo_epochs * math.ceil(n / self.mini)
         warmup, total = o.warmup_steps * per_step, cfg.train.max_steps * per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -82,14 +108,15 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         if ckpt:
             self._restore(ckpt)
-        (self.out / "config.yaml").write_text(self.config_yaml)
-        self.tb = self._tensorboard()
+        if self.parallel.is_main:
+            (self.out / "config.yaml").write_text(self.config_yaml)
+        self.tb = self._tensorboard() if self.parallel.is_main else None
 
     # -- setup helpers ------------------------------------------------------------------------------
     def _initial_model_path(self) -> Path:
         if self.cfg.model.init == "tiny-arith":
             path = self.out / "init_model"
-            if not (path / "config.json").exists():
+            if self.parallel.is_main and not (path / "config.json").exists():
                 build_tiny_model(path, max_operand=self.cfg.data.task_max_operand, seed=self.cfg.seed)
             return path
         path = Path(self.cfg.model.path)
@@ -101,7 +128,7 @@ class Trainer:
         t = self.cfg.teacher
         if t.init == "tiny-arith-sft":
             path = self.out / "teacher_model"
-            if not (path / "config.json").exists():
+            if self.parallel.is_main and not (path / "config.json").exists():
                 build_tiny_teacher(path, max_operand=self.cfg.data.task_max_operand, hidden_size=t.init_hidden_size,
                                    sft_steps=t.init_sft_steps, seed=self.cfg.seed)
             return str(path)
@@ -111,13 +138,19 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.load_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if len(state["rng"]) != self.parallel.world:
+            raise ConfigError(f"--resume {ckpt}: saved by {len(state['rng'])} process(es), this run has "
+                              f"{self.parallel.world}: resume with the same world size")
+        if self.parallel.mode == "fsdp2":
+            checkpoint.load_sharded(ckpt, self.policy, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"][self.parallel.rank])
         self.step = state["step"]
         self.stream.position = state["data_position"]
         metrics = self.out / METRICS_FILE
-        if metrics.exists():  # drop rows logged after the checkpoint by the interrupted run
+        if self.parallel.is_main and metrics.exists():  # drop rows logged after the checkpoint by the interrupted run
             rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             metrics.write_text("".join(line + "\n" for line in rows))
 
@@ -132,42 +165,91 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------------
     def _rollout(self) -> Rollout:
-        idx = self.stream.take(self.cfg.train.prompts_per_step)
-        cols = [c for c in self.rows[0] if c != self.cfg.data.prompt_column]
-        columns = {c: [self.rows[i][c] for i in idx] for c in cols}
-        return self.algorithm.rollout(self.model, self.tokenizer, [self.texts[i] for i in idx], columns)
+        """This rank's prompts of the step, sampled ``rollout.prompts_per_generate`` prompts per generate
+        call (each call seeded by ``generation_seed``), padded to the longest completion of all ranks."""
+        cfg = self.cfg
+        idx = self.stream.take(cfg.train.prompts_per_step)
+        mine = range(len(idx))[self.parallel.local_slice(len(idx))]
+        chunk = cfg.rollout.prompts_per_generate or len(mine)
+        cols = [c for c in self.rows[0] if c != cfg.data.prompt_column]
+        parts = []
+        for start in range(mine.start, mine.stop, chunk):
+            take = idx[start:min(start + chunk, mine.stop)]
+            torch.manual_seed(generation_seed(cfg.seed, self.step, start))
+            parts.append(self.parallel.call(self.policy, lambda model: self.algorithm.rollout(
+                model, self.tokenizer, [self.texts[i] for i in take], {c: [self.rows[i][c] for i in take] for c in cols})))
+        longest = self.parallel.reduce([max(p.completion_mask.shape[1] for p in parts)], "max")[0]
+        return concat(parts, self.tokenizer.pad_token_id, int(longest))
+
+    def _accumulate(self, batch: Rollout, mini: torch.Tensor) -> tuple[float, dict]:
+        """Backward of one mini-batch (this rank's sequences ``mini`` of ``batch``; every rank holds as many)
+        in micro-batches of ``train.micro_batch_size``.  The mini-batch's loss is Σ m·ℓ / N with N the
+        normalizer of ``loss.loss_agg`` over the whole mini-batch (all micro-batches, all ranks): a
+        micro-batch's loss, aggregated over its own n tokens (or sequences), is scaled by n / N (and by the
+        world size, since DDP and FSDP2 average gradients over ranks), which is exact for every mode.
+        Returns (the mini-batch's loss on this rank's share, {metric: Σ tokens · value, "tokens": Σ tokens})."""
+        agg = self.cfg.loss.loss_agg
+        micros = [batch.select(idx) for idx in mini.split(self.micro)]
+        counts = [normalizer_count(m.completion_mask, agg) for m in micros]
+        total = max(self.parallel.reduce([sum(counts)])[0], 1.0)
+        loss_sum, stats = 0.0, defaultdict(float)
+        for i, (micro, count) in enumerate(zip(micros, counts)):
+            with self.parallel.accumulating(self.policy, sync=i == len(micros) - 1):
+                loss, lm = self.policy(micro)
+                (loss * (count / total * self.parallel.world)).backward()
+            loss_sum += loss.item() * count / total
+            tokens = micro.completion_mask.sum().item()
+            stats["tokens"] += tokens
+            for k, v in lm.items():
+                stats[k] += tokens * float(v)
+        return loss_sum, stats
+
+    def _prepare_metrics(self, metrics: dict, batch: Rollout) -> dict:
+        """The algorithm's step metrics over all ranks: reward mean / std from the gathered rewards, the other
+        per-sequence means averaged over ranks (every rank holds as many sequences)."""
+        if not self.parallel.distributed:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if v is not None)
+        totals = self.parallel.reduce([metrics[k] for k in keys])
+        metrics.update({k: t / self.parallel.world for k, t in zip(keys, totals)})
+        if "rewards" in batch.extras:
+            r = self.parallel.gather(batch.extras["rewards"])
+            metrics.update(reward_mean=r.mean().item(), reward_std=r.std().item() if r.numel() > 1 else 0.0)
+        return metrics
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         batch = self._rollout()
-        metrics = self.algorithm.prepare(self.model, batch)
-        self.model.train()
+        metrics = self._prepare_metrics(self.parallel.call(self.policy, lambda model: self.algorithm.prepare(model, batch)),
+                                        batch)
+        self.policy.train()
         n = batch.input_ids.shape[0]
         order = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        parts, grad_norms = defaultdict(list), []
+        losses, stats, grad_norms = [], defaultdict(float), []
         for _ in range(self.cfg.train.ppo_epochs):
-            perm = torch.randperm(n, generator=order) if self.mini < n else torch.arange(n)
-            for s in range(0, n, self.mini):
-                mini = perm[s:s + self.mini]
+            perm = torch.randperm(n, generator=order) if self.mini_local < n else torch.arange(n)
+            for s in range(0, n, self.mini_local):
                 self.optimizer.zero_grad(set_to_none=True)
-                for ms in range(0, len(mini), self.micro):
-                    idx = mini[ms:ms + self.micro]
-                    loss, lm = self.algorithm.loss(self.model, batch.select(idx))
-                    (loss * (len(idx) / len(mini))).backward()
-                    parts["loss"].append(loss.item())
-                    for k, v in lm.items():
-                        parts[k].append(float(v))
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
+                loss, mini_stats = self._accumulate(batch, perm[s:s + self.mini_local])
+                losses.append(loss)
+                for k, v in mini_stats.items():
+                    stats[k] += v
+                grad_norms.append(full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
                 self.optimizer.step()
                 self.scheduler.step()
         self.step += 1
-        elapsed = time.perf_counter() - t0
         cmask = batch.completion_mask
-        metrics.update({k: sum(v) / len(v) for k, v in parts.items()})
+        keys = sorted(stats)
+        sums = self.parallel.reduce([stats[k] for k in keys] + [sum(losses), cmask.sum().item(),
+                                                               batch.attention_mask.sum().item(), n])
+        *values, loss_total, completion_tokens, tokens, sequences = sums
+        token_mean = dict(zip(keys, values))
+        elapsed = self.parallel.reduce([time.perf_counter() - t0], "max")[0]
+        metrics.update({k: v / max(token_mean["tokens"], 1.0) for k, v in token_mean.items() if k != "tokens"})
         metrics.setdefault("kl", None)
-        metrics.update(step=self.step, response_length=cmask.sum(-1).mean().item(),
+        metrics.update(step=self.step, loss=loss_total / len(losses), response_length=completion_tokens / sequences,
                        grad_norm=sum(grad_norms) / len(grad_norms), lr=self.scheduler.get_last_lr()[0],
-                       tokens_per_s=batch.attention_mask.sum().item() / elapsed, step_time_s=elapsed)
+                       tokens_per_s=tokens / elapsed, step_time_s=elapsed)
         self.last_batch = batch
         return metrics
 
@@ -181,21 +263,37 @@ class Trainer:
                     self.tb.add_scalar(k, v, metrics["step"])
 
     def _trainer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": checkpoint.rng_state(), "step": self.step, "data_position": self.stream.position}
+        """Scheduler, step, data position and every rank's RNG states (a collective); the optimizer too
+        except under FSDP2 (its sharded state goes to the distributed checkpoint)."""
+        state = {"scheduler": self.scheduler.state_dict(), "rng": self.parallel.gather_objects(checkpoint.rng_state()),
+                 "step": self.step, "data_position": self.stream.position}
+        if self.parallel.mode != "fsdp2":
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.out, self.step, self.model, self.tokenizer, self._trainer_state(),
-                               self.config_yaml)
+        """``checkpoint-<step>`` written once: rank 0 (replicated weights) or all ranks' shards (FSDP2)."""
+        state = self._trainer_state()
+        if self.parallel.mode == "fsdp2":
+            return checkpoint.save_sharded(self.out, self.step, self.policy, self.optimizer, state,
+                                           self.config_yaml, self.parallel)
+        if self.parallel.is_main:
+            checkpoint.save(self.out, self.step, self.model, self.tokenizer, state, self.config_yaml)
+        self.parallel.barrier()
+        return self.out / f"checkpoint-{self.step}"
 
     def save_final(self) -> Path:
+        """``final/``: ``save_pretrained`` of the full weights (gathered from the shards under FSDP2)."""
         final, tmp = self.out / "final", self.out / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        checkpoint.write_model(self.model, self.tokenizer, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        state_dict = checkpoint.full_state_dict(self.model) if self.parallel.mode == "fsdp2" else None
+        if self.parallel.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            checkpoint.write_model(self.model, self.tokenizer, tmp, state_dict=state_dict)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        self.parallel.barrier()
         return final
 
     def _print_samples(self, write) -> None:
@@ -209,26 +307,29 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not cfg.logging.progress,
+        main = self.parallel.is_main
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (cfg.logging.progress and main),
                    desc=cfg.algorithm, dynamic_ncols=True)
         while self.step < cfg.train.max_steps:
             m = self.train_step()
-            self._log(m)
+            if main:
+                self._log(m)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}" if m["reward_mean"] is not None else "-", kl=f"{m['kl']:.4f}" if m["kl"] is not None else "-",
                             div=f"{m['divergence']:.4f}" if m.get("divergence") is not None else "-",
                             ent=f"{m.get('entropy', float('nan')):.3f}", clip=f"{m.get('clip_frac', 0):.3f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
-            if cfg.logging.progress and cfg.rollout.completions_to_log and self.step % cfg.train.log_steps == 0:
+            if main and cfg.logging.progress and cfg.rollout.completions_to_log and self.step % cfg.train.log_steps == 0:
                 self._print_samples(bar.write)
             if self.step % cfg.train.save_steps == 0 or self.step == cfg.train.max_steps:
                 self.save_checkpoint()
         bar.close()
         final = self.save_final()
-        if cfg.logging.plots:
+        if main and cfg.logging.plots:
             plot_metrics(self.out / METRICS_FILE, self.out / "plots.png", self.algorithm.plotted)
         if self.tb is not None:
             self.tb.close()
+        self.parallel.close()
         return final
 
 
