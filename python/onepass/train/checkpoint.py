@@ -39,14 +39,18 @@ def write_model(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def save(output_dir: Path, step: int, model, tokenizer, trainer_state: dict, config_yaml: str) -> Path:
-    """Write ``checkpoint-<step>`` atomically and point ``checkpoint-last`` at it."""
+def save(output_dir: Path, step: int, model, tokenizer, trainer_state: dict, config_yaml: str,
+         extra_models: dict | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically and point ``checkpoint-last`` at it; ``extra_models`` (other
+    trained models, e.g. BD-KD's teacher) go to ``checkpoint-<step>/<name>``."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_model(model, tokenizer, tmp / "model")
+    for name, extra in (extra_models or {}).items():
+        write_model(extra, tokenizer, tmp / name)
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
     _fsync_tree(tmp)
@@ -83,6 +87,16 @@ def resolve(path: str | Path) -> Path:
     if not (p / STATE_FILE).is_file() or not (p / "model").is_dir():
         raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE} or model/)")
     return p
+
+
+def load_weights(model, directory: Path) -> None:
+    """Load the weights that ``write_model`` wrote to ``directory`` into ``model`` (in place, same device)."""
+    from .modeling import load_model
+
+    saved = load_model(directory, "float32").state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(saved[k])
 
 
 def load_state(path: Path) -> dict:

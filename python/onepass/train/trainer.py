@@ -66,7 +66,8 @@ class Trainer:
         self.texts = [prompt_text(r, cfg.data.prompt_column, self.tokenizer, cfg.data.chat_template) for r in self.rows]
         check_context(self.texts, self.tokenizer, cfg.rollout.max_new_tokens,
                       getattr(self.model.config, "max_position_embeddings", None))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.extra_models = self.algorithm.trained_models()   # e.g. BD-KD's teacher: optimized with the policy
+        self.params = [p for m in (self.model, *self.extra_models.values()) for p in m.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -111,6 +112,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.load_state(ckpt)
+        for name, module in self.extra_models.items():
+            checkpoint.load_weights(module, ckpt / name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
@@ -141,7 +144,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self._rollout()
         metrics = self.algorithm.prepare(self.model, batch)
-        self.model.train()
+        for m in (self.model, *self.extra_models.values()):
+            m.train()
         n = batch.input_ids.shape[0]
         order = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
         parts, grad_norms = defaultdict(list), []
@@ -186,17 +190,20 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         return checkpoint.save(self.out, self.step, self.model, self.tokenizer, self._trainer_state(),
-                               self.config_yaml)
+                               self.config_yaml, self.extra_models)
 
     def save_final(self) -> Path:
-        final, tmp = self.out / "final", self.out / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        checkpoint.write_model(self.model, self.tokenizer, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        return final
+        """The policy to ``<output_dir>/final`` (and each of the algorithm's other trained models to
+        ``final_<name>``); returns the policy's directory."""
+        for name, model in [("final", self.model)] + [(f"final_{k}", m) for k, m in self.extra_models.items()]:
+            final, tmp = self.out / name, self.out / f".tmp-{name}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            checkpoint.write_model(model, self.tokenizer, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        return self.out / "final"
 
     def _print_samples(self, write) -> None:
         b = self.last_batch
