@@ -209,3 +209,36 @@ def test_cli_opd_writes_divergence_rows_and_the_final_student(student_dir, teach
     for name in ("plots.png", "final/model.safetensors", "final/tokenizer.json", "config.yaml"):
         assert (out / name).exists(), name
     assert "divergence: reverse_kl" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["opd", "kdrl"])
+def test_teacher_offload_and_device_give_the_same_loss(student_dir, teacher_dir, tmp_path, algorithm):
+    """teacher.offload (kept on the CPU, moved to the student's device per forward) and teacher.device=cpu give
+    bit-identical losses, metrics and gradients to the default placement; the offloaded teacher is back on the
+    CPU afterwards."""
+    extra = ["distill.divergence=jsd"] + (["rewards=[{function: 'onepass.train.rewards:format_reward'}]"]
+                                          if algorithm == "kdrl" else [])
+    results = {}
+    for placement in ([], ["teacher.offload=true"], ["teacher.device=cpu"]):
+        cfg = opd_config(student_dir, teacher_dir, tmp_path / "_".join(placement or ["default"]),
+                         f"algorithm={algorithm}", *extra, *placement)
+        trainer = Trainer(cfg)
+        torch.manual_seed(11)
+        batch = trainer._rollout()
+        trainer.algorithm.prepare(trainer.model, batch)
+        results[tuple(placement)] = loss_and_grads(trainer, batch, "divergence")
+        teacher = trainer.algorithm.teacher if algorithm == "opd" else trainer.algorithm.reference
+        assert next(teacher.parameters()).device == torch.device("cpu")
+    base = results[()]
+    for placement, (loss, div, grads) in results.items():
+        assert (loss, div) == base[:2], placement
+        assert all(torch.equal(grads[k], base[2][k]) for k in base[2]), placement
+
+
+@pytest.mark.parametrize("overrides,key", [(["teacher.device=gpu"], "teacher.device"),
+                                           (["teacher.device=cuda:99"], "teacher.device"),
+                                           (["teacher.device=meta"], "teacher.device"),
+                                           (["teacher.offload=true", "teacher.device=cuda:0"], "teacher.offload")])
+def test_teacher_placement_errors_name_the_key(student_dir, teacher_dir, tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        opd_config(student_dir, teacher_dir, tmp_path, *overrides)
