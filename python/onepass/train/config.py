@@ -239,6 +239,10 @@ def _validate_distill(cfg: Config) -> None:
     if cfg.algorithm in ("kdrl", "offline") and d.divergence == "sampled_reverse_kl":
         raise ConfigError(f"distill.divergence for {cfg.algorithm} must be a full-vocabulary kind, got "
                           "'sampled_reverse_kl'")
+    if cfg.algorithm == "kdrl" and d.temperature != cfg.rollout.temperature:
+        raise ConfigError("kdrl: distill.temperature must equal rollout.temperature (the GRPO sweep computes the "
+                          f"policy ratio and the divergence at one temperature), got {d.temperature} vs "
+                          f"{cfg.rollout.temperature}")
     if cfg.algorithm in FIXED_COMPLETIONS and cfg.rollout.num_generations != 1:
         raise ConfigError(f"{cfg.algorithm}: rollout.num_generations must be 1 (one fixed completion per prompt), "
                           f"got {cfg.rollout.num_generations}")
