@@ -413,9 +413,10 @@ class BDKD(OfflineKD):
     student's loss, weighted per sample by comparing the two entropies; the reverse KL in the teacher's loss):
     the paper's weight values were not available to us, so balance_major / balance_minor are configuration.
     The student's terms train the student only, the teacher's terms the teacher only (each sees the other
-    detached); the summed loss is aggregated with loss.loss_agg.  Five vocabulary sweeps (one per KL term, one
-    cross-entropy per model), no [tokens, V] logits.  ``divergence`` in the metrics is the mean per-token
-    KL(p‖q)."""
+    detached); the summed loss is aggregated with loss.loss_agg, and the trainer steps one AdamW (optim.*) and
+    clips one gradient norm over both models' parameters (``trained_models``).  Five vocabulary sweeps (two KL
+    directions for the student, one for the teacher, since their per-token weights differ; one cross-entropy
+    per model), no [tokens, V] logits.  ``divergence`` in the metrics is the mean per-token KL(p‖q)."""
 
     name = "bdkd"
     plotted = ("divergence", "task_loss", "teacher_task_loss", "forward_weight")
