@@ -80,6 +80,30 @@ def test_opd_distills_the_teacher(student_dir, teacher_dir, tmp_path):
     assert last < first, [r["divergence"] for r in rows]
 
 
+def test_kdrl_raises_the_reward_and_distills_the_teacher(student_dir, teacher_dir, tmp_path):
+    """Fixed seed, 25 KDRL steps (GRPO on exact match + 0.5 · reverse KL to the teacher, lr 3e-3): the task
+    reward rises, the divergence to the teacher falls on the training samples and on held-out answers, and
+    greedy accuracy rises (measured: reward 0.13 -> 0.47 (means of steps 1-5 / 21-25), divergence 4.41 -> 1.50,
+    held-out KL 5.09 -> 1.36, accuracy 0.00 -> 0.56).  At lr 1e-2 (the OPD example's) the divergence fell and
+    then rose again after ~30 steps with grad-norm spikes (README, KDRL); 3e-3 decreases it steadily."""
+    cfg = small_config(student_dir, tmp_path, "algorithm=kdrl", f"teacher.path={teacher_dir}", "distill.coef=0.5",
+                       "train.max_steps=25", "train.prompts_per_step=8", "train.save_steps=100", "optim.lr=3e-3")
+    teacher = modeling.load_model(teacher_dir, "float32")
+    student0 = modeling.load_model(student_dir, "float32")
+    div0, acc0 = answer_divergence(student0, teacher, teacher_dir), greedy_accuracy(student0, teacher_dir)
+    student = modeling.load_model(run(cfg), "float32")
+    div1, acc1 = answer_divergence(student, teacher, teacher_dir), greedy_accuracy(student, teacher_dir)
+    rows = _metrics(tmp_path)
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
+    assert mean("reward_mean", rows[-5:]) > mean("reward_mean", rows[:5]) + 0.15, [r["reward_mean"] for r in rows]
+    assert mean("divergence", rows[-5:]) < 0.5 * mean("divergence", rows[:5]), [r["divergence"] for r in rows]
+    assert div1 < 0.5 * div0, (div0, div1)
+    assert acc1 >= acc0 + 0.25, (acc0, acc1)
+
+
 @pytest.fixture(scope="module")
 def opd_trainer(student_dir, teacher_dir, tmp_path_factory):
     cfg = opd_config(student_dir, teacher_dir, tmp_path_factory.mktemp("opd_loss"),
@@ -142,7 +166,8 @@ def test_vocabulary_mismatch_is_refused(student_dir, tmp_path):
                                            (["distill.divergence=kl"], "distill.divergence"),
                                            (["algorithm=offline"], "rollout.num_generations"),
                                            (["algorithm=kdrl", "distill.divergence=sampled_reverse_kl"],
-                                            "distill.divergence")])
+                                            "distill.divergence"),
+                                           (["algorithm=kdrl", "distill.temperature=0.5"], "distill.temperature")])
 def test_distill_config_errors_name_the_key(student_dir, teacher_dir, tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key):
         opd_config(student_dir, teacher_dir, tmp_path, *overrides)
@@ -209,3 +234,36 @@ def test_cli_opd_writes_divergence_rows_and_the_final_student(student_dir, teach
     for name in ("plots.png", "final/model.safetensors", "final/tokenizer.json", "config.yaml"):
         assert (out / name).exists(), name
     assert "divergence: reverse_kl" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("algorithm", ["opd", "kdrl"])
+def test_teacher_offload_and_device_give_the_same_loss(student_dir, teacher_dir, tmp_path, algorithm):
+    """teacher.offload (kept on the CPU, moved to the student's device per forward) and teacher.device=cpu give
+    bit-identical losses, metrics and gradients to the default placement; the offloaded teacher is back on the
+    CPU afterwards."""
+    extra = ["distill.divergence=jsd"] + (["rewards=[{function: 'onepass.train.rewards:format_reward'}]"]
+                                          if algorithm == "kdrl" else [])
+    results = {}
+    for placement in ([], ["teacher.offload=true"], ["teacher.device=cpu"]):
+        cfg = opd_config(student_dir, teacher_dir, tmp_path / "_".join(placement or ["default"]),
+                         f"algorithm={algorithm}", *extra, *placement)
+        trainer = Trainer(cfg)
+        torch.manual_seed(11)
+        batch = trainer._rollout()
+        trainer.algorithm.prepare(trainer.model, batch)
+        results[tuple(placement)] = loss_and_grads(trainer, batch, "divergence")
+        teacher = trainer.algorithm.teacher if algorithm == "opd" else trainer.algorithm.reference
+        assert next(teacher.parameters()).device == torch.device("cpu")
+    base = results[()]
+    for placement, (loss, div, grads) in results.items():
+        assert (loss, div) == base[:2], placement
+        assert all(torch.equal(grads[k], base[2][k]) for k in base[2]), placement
+
+
+@pytest.mark.parametrize("overrides,key", [(["teacher.device=gpu"], "teacher.device"),
+                                           (["teacher.device=cuda:99"], "teacher.device"),
+                                           (["teacher.device=meta"], "teacher.device"),
+                                           (["teacher.offload=true", "teacher.device=cuda:0"], "teacher.offload")])
+def test_teacher_placement_errors_name_the_key(student_dir, teacher_dir, tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        opd_config(student_dir, teacher_dir, tmp_path, *overrides)

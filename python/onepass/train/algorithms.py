@@ -4,7 +4,9 @@ The trainer skeleton (``trainer.Trainer``) owns config, data, rollouts, optimiza
 checkpoints; an ``Algorithm`` builds its extra frozen models (``setup``), turns a rollout into training
 signals (``prepare``: rewards, advantages, old log-probs) and gives the loss of a micro-batch (``loss``).
 GRPO, on-policy distillation (OPD, G-OPD / ExOPD: a frozen teacher in ``setup``, ``onepass.opd_loss`` in
-``loss``) and KDRL (the GRPO loss plus a divergence to the teacher, from the same sweep) are implemented.
+``loss``), KDRL (the GRPO loss plus a divergence to the teacher, from the same sweep), offline distillation
+with SinKD, and BD-KD (online mutual distillation: the teacher trains too; ``trained_models`` hands it to the
+trainer's optimizer and checkpoints) are implemented.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Optional
 import torch
 
 import onepass
+from onepass.losses import aggregation_weights
 
 from . import modeling, rewards as rewards_mod
 from .config import Config
@@ -46,10 +49,17 @@ class Algorithm(abc.ABC):
     def loss(self, model, micro: Rollout) -> tuple[torch.Tensor, dict]:
         """(scalar loss of the micro-batch with its own aggregation, metrics of detached scalars)."""
 
+    def trained_models(self) -> dict:
+        """Models trained besides the policy, by name (BD-KD's teacher): the trainer optimizes their parameters
+        with the policy's, checkpoints them as ``checkpoint-<step>/<name>`` and writes ``final_<name>``."""
+        return {}
+
 
 def completion_hidden(model, batch: Rollout) -> torch.Tensor:
-    """Hidden states that predict the completion tokens: [N, C, D] (positions P−1 .. P+C−2)."""
-    h = modeling.last_hidden(model, batch.input_ids, batch.attention_mask)
+    """Hidden states that predict the completion tokens: [N, C, D] (positions P−1 .. P+C−2), on the model's
+    device (the batch is moved there)."""
+    device = next(model.parameters()).device
+    h = modeling.last_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     return h[:, batch.prompt_len - 1:-1]
 
 
@@ -58,12 +68,23 @@ def masked_targets(batch: Rollout) -> torch.Tensor:
     return torch.where(batch.completion_mask.bool(), batch.targets, torch.full_like(batch.targets, -100))
 
 
-def frozen_hidden_and_head(model, batch: Rollout, device):
-    """A frozen model's completion hidden states and LM head (weight, bias), moved to ``device``."""
-    with torch.no_grad():
-        h = completion_hidden(model, batch).to(device)
-        hd = modeling.head(model)
-        return h, hd.weight.to(device), None if hd.bias is None else hd.bias.to(device)
+def frozen_hidden_and_head(model, batch: Rollout, device, offload: bool = False):
+    """A frozen model's completion hidden states [N, C, D] and LM head (weight [V, D], bias [V] or None), all
+    on ``device`` (the trained model's: the fused sweep needs both heads on one device).  The forward runs on
+    the frozen model's own device (``teacher.device``); with ``offload`` the model, kept on the CPU, is moved
+    to ``device`` for the forward and back (a host-device copy of its weights each call, i.e. per micro-batch;
+    its head stays on ``device`` until the returned tensors are freed)."""
+    if offload:
+        model.to(device)
+    try:
+        with torch.no_grad():
+            h = completion_hidden(model, batch).to(device)
+            hd = modeling.head(model)
+            # detach: a tensor of its own, not the Parameter whose data ``model.to("cpu")`` swaps below
+            return h, hd.weight.detach().to(device), None if hd.bias is None else hd.bias.detach().to(device)
+    finally:
+        if offload:
+            model.to("cpu")
 
 
 def naive_grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp, ref_hidden, ref_weight, bias,
@@ -98,6 +119,7 @@ class GRPO(Algorithm):
         self.loss_cfg = cfg.loss
         self.rewards = [rewards_mod.load_reward(r.function, r.weight) for r in cfg.rewards]
         self.reference: Optional[torch.nn.Module] = None
+        self.reference_offload = False
         if cfg.loss.beta != 0.0:
             self.reference = modeling.load_reference(initial_path, cfg.reference.path, list(cfg.reference.soup),
                                                      cfg.model.dtype)
@@ -133,7 +155,7 @@ class GRPO(Algorithm):
         hd = modeling.head(model)
         ref_h = ref_w = ref_b = None
         if self.reference is not None:
-            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, micro, h.device)
+            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, micro, h.device, self.reference_offload)
         kw = dict(mask=micro.completion_mask, old_logp=micro.extras["old_logp"], ref_hidden=ref_h, ref_weight=ref_w,
                   bias=hd.bias, temperature=self.cfg.rollout.temperature, beta=L.beta, kl_estimator=L.kl_estimator,
                   epsilon_low=L.epsilon_low, epsilon_high=L.epsilon_high, dual_clip=L.dual_clip,
@@ -173,10 +195,13 @@ def naive_opd_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, m
     return loss, (div.detach() * mask).sum() / n
 
 
-def load_teacher(cfg: Config, tokenizer, model, teacher_path: str):
-    """The frozen teacher on ``teacher.device``; its tokenizer and LM head must match the student's vocabulary."""
-    teacher = modeling.frozen(modeling.load_model(teacher_path, cfg.model.dtype))
-    if cfg.teacher.device:
+def load_teacher(cfg: Config, tokenizer, model, teacher_path: str, trained: bool = False):
+    """The teacher on ``teacher.device`` (on the CPU with ``teacher.offload``), frozen unless ``trained``
+    (BD-KD); its tokenizer and LM head must match the student's vocabulary."""
+    teacher = modeling.load_model(teacher_path, cfg.model.dtype)
+    if not trained:
+        modeling.frozen(teacher)
+    if cfg.teacher.device and not cfg.teacher.offload:
         teacher.to(cfg.teacher.device)
     check_same_vocabulary(tokenizer, modeling.load_tokenizer(teacher_path), model, teacher, teacher_path)
     return teacher
@@ -230,7 +255,7 @@ class OPD(Algorithm):
         d, L = self.cfg.distill, self.cfg.loss
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
-        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device)
+        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
         kw = dict(mask=micro.completion_mask, divergence=d.divergence, beta=d.beta, alpha=d.alpha,
                   reward_scale=d.reward_scale, temperature=d.temperature,
                   ref_logp=micro.extras.get("ref_logp") if d.divergence == "sampled_reverse_kl" else None,
@@ -263,6 +288,7 @@ class KDRL(GRPO):
                                 divergence_beta=d.beta, divergence_alpha=d.alpha)
         self.rewards = [rewards_mod.load_reward(r.function, r.weight) for r in cfg.rewards]
         self.reference = load_teacher(cfg, tokenizer, model, teacher_path)
+        self.reference_offload = cfg.teacher.offload
 
     def loss(self, model, micro: Rollout):
         loss, m = super().loss(model, micro)
@@ -301,7 +327,7 @@ class OfflineKD(OPD):
         d, L = self.cfg.distill, self.cfg.loss
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
-        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device)
+        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
         div_loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, mask=micro.completion_mask,
                                        divergence=d.divergence, beta=d.beta, alpha=d.alpha,
                                        temperature=d.temperature, student_bias=hd.bias, teacher_bias=t_b,
@@ -318,4 +344,119 @@ class OfflineKD(OPD):
         return loss, metrics
 
 
-ALGORITHMS = {"grpo": GRPO, "opd": OPD, "kdrl": KDRL, "offline": OfflineKD}
+def bdkd_token_terms(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *, temperature,
+                     backend):
+    """BD-KD's per-token pieces with onepass's fused ops, [N, C] float32 each (−100 targets give 0):
+    ce / teacher_ce: −log p(y), −log q(y) at temperature 1 (p the student, q the teacher);
+    entropy / teacher_entropy: H(p_T), H(q_T) at ``temperature`` (no gradient: they only pick the weights);
+    forward_kl = KL(q_T‖p_T) and reverse_kl = KL(p_T‖q_T) with gradients to the student only;
+    teacher_kl = KL(p_T‖q_T) with gradients to the teacher only (the same value as reverse_kl)."""
+    T = temperature
+    s, t = (hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias)
+    s_d, t_d = tuple(None if x is None else x.detach() for x in s), tuple(None if x is None else x.detach() for x in t)
+
+    def kl(a, b, kind):
+        return onepass.linear_divergence(a[0], a[1], b[0], b[1], student_bias=a[2], teacher_bias=b[2], kind=kind,
+                                         temperature=T, targets=targets, backend=backend)
+
+    def ce_and_entropy(m, m_d):
+        logp = onepass.linear_token_logprobs(m[0], m[1], targets, bias=m[2], backend=backend)
+        with torch.no_grad():
+            _, ent = onepass.linear_token_logprobs(m_d[0], m_d[1], targets, bias=m_d[2], temperature=T,
+                                                   return_entropy=True, backend=backend)
+        return -logp, ent
+
+    ce, ent = ce_and_entropy(s, s_d)
+    t_ce, t_ent = ce_and_entropy(t, t_d)
+    return dict(ce=ce, teacher_ce=t_ce, entropy=ent, teacher_entropy=t_ent, forward_kl=kl(s, t_d, "forward_kl"),
+                reverse_kl=kl(s, t_d, "reverse_kl"), teacher_kl=kl(s_d, t, "reverse_kl"))
+
+
+def naive_bdkd_token_terms(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *,
+                           temperature, backend=None):
+    """``bdkd_token_terms`` from materialized logits [N, C, V] (plain PyTorch); for tests and memory comparisons."""
+    logits = (hidden @ weight.T + (0 if bias is None else bias)).float()
+    t_logits = (teacher_hidden @ teacher_weight.T + (0 if teacher_bias is None else teacher_bias)).float()
+    valid = targets != -100
+    y = targets.clamp_min(0).unsqueeze(-1)
+
+    def per_token(x):
+        return torch.where(valid, x, torch.zeros_like(x))
+
+    def kl(a, b):   # KL(softmax a ‖ softmax b) at temperature T
+        la, lb = torch.log_softmax(a / temperature, -1), torch.log_softmax(b / temperature, -1)
+        return per_token((la.exp() * (la - lb)).sum(-1))
+
+    def entropy(x):
+        with torch.no_grad():
+            lx = torch.log_softmax(x / temperature, -1)
+            return per_token(-(lx.exp() * lx).sum(-1))
+
+    return dict(ce=per_token(-torch.log_softmax(logits, -1).gather(-1, y).squeeze(-1)),
+                teacher_ce=per_token(-torch.log_softmax(t_logits, -1).gather(-1, y).squeeze(-1)),
+                entropy=entropy(logits), teacher_entropy=entropy(t_logits),
+                forward_kl=kl(t_logits.detach(), logits), reverse_kl=kl(logits, t_logits.detach()),
+                teacher_kl=kl(logits.detach(), t_logits))
+
+
+class BDKD(OfflineKD):
+    """Online mutual distillation with BD-KD's balanced divergences (Amara, Sepahvand, Meyer, Gross, Clark,
+    "BD-KD: Balancing the Divergences for Online Knowledge Distillation", arXiv:2212.12965): the student and
+    the teacher train together on the fixed completions (data column distill.completion_column, as offline;
+    the paper's supervised setting, its cross-entropy on the labels being our cross-entropy on the completion
+    tokens).  Per completion token, with p the student's and q the teacher's next-token distribution at
+    distill.temperature T (cross-entropies at T = 1):
+
+        student:  task_coef · CE(y, p) + coef · (w_f · KL(q‖p) + w_r · KL(p‖q))
+        teacher:  task_coef · CE(y, q) + teacher_coef · KL(p‖q)        (the reverse KL as the teacher's regularizer)
+
+    The weights are set per token (the paper's "sample-wise" weighting; a token is a sample here) from the two
+    entropies: where the student is the more confident, H(p) < H(q), the mass-covering forward KL, which raises
+    H(p), gets w_f = balance_major and the reverse KL w_r = balance_minor; elsewhere the mode-seeking reverse
+    KL gets balance_major.  Only that rule's structure is taken from the paper (both KL directions in the
+    student's loss, weighted per sample by comparing the two entropies; the reverse KL in the teacher's loss):
+    the paper's weight values were not available to us, so balance_major / balance_minor are configuration.
+    The student's terms train the student only, the teacher's terms the teacher only (each sees the other
+    detached); the summed loss is aggregated with loss.loss_agg, and the trainer steps one AdamW (optim.*) and
+    clips one gradient norm over both models' parameters (``trained_models``).  Five vocabulary sweeps (two KL
+    directions for the student, one for the teacher, since their per-token weights differ; one cross-entropy
+    per model), no [tokens, V] logits.  ``divergence`` in the metrics is the mean per-token KL(p‖q)."""
+
+    name = "bdkd"
+    plotted = ("divergence", "task_loss", "teacher_task_loss", "forward_weight")
+
+    def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.teacher = load_teacher(cfg, tokenizer, model, teacher_path, trained=True)
+
+    def trained_models(self) -> dict:
+        return {"teacher": self.teacher}
+
+    def loss(self, model, micro: Rollout):
+        d, L = self.cfg.distill, self.cfg.loss
+        h = completion_hidden(model, micro)
+        hd, thd = modeling.head(model), modeling.head(self.teacher)
+        t_h = completion_hidden(self.teacher, micro).to(h.device)
+        t_w, t_b = thd.weight.to(h.device), None if thd.bias is None else thd.bias.to(h.device)
+        mask = micro.completion_mask
+        terms_fn = naive_bdkd_token_terms if L.impl == "naive" else bdkd_token_terms
+        x = terms_fn(h, hd.weight, hd.bias, t_h, t_w, t_b, masked_targets(micro), temperature=d.temperature,
+                     backend=L.backend)
+        student_confident = x["entropy"] < x["teacher_entropy"]
+        w_f = torch.where(student_confident, d.balance_major, d.balance_minor)
+        w_r = torch.where(student_confident, d.balance_minor, d.balance_major)
+        student = d.task_coef * x["ce"] + d.coef * (w_f * x["forward_kl"] + w_r * x["reverse_kl"])
+        teacher = d.task_coef * x["teacher_ce"] + d.teacher_coef * x["teacher_kl"]
+        agg = aggregation_weights(mask, L.loss_agg)
+        n = mask.sum().clamp_min(1)
+
+        def mean(v):
+            return (v.detach() * mask).sum() / n
+
+        return (agg * (student + teacher)).sum(), {
+            "divergence": mean(x["reverse_kl"]), "forward_kl": mean(x["forward_kl"]), "task_loss": mean(x["ce"]),
+            "teacher_task_loss": mean(x["teacher_ce"]), "forward_weight": mean(w_f.float()),
+            "entropy": mean(x["entropy"]), "teacher_entropy": mean(x["teacher_entropy"])}
+
+
+ALGORITHMS = {"grpo": GRPO, "opd": OPD, "kdrl": KDRL, "offline": OfflineKD, "bdkd": BDKD}

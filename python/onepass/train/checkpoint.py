@@ -43,10 +43,14 @@ def write_model(model, tokenizer, directory: Path, state_dict: dict | None = Non
     tokenizer.save_pretrained(directory)
 
 
-def save(output_dir: Path, step: int, model, tokenizer, trainer_state: dict, config_yaml: str) -> Path:
-    """Write ``checkpoint-<step>`` atomically and point ``checkpoint-last`` at it."""
+def save(output_dir: Path, step: int, model, tokenizer, trainer_state: dict, config_yaml: str,
+         extra_models: dict | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically and point ``checkpoint-last`` at it; ``extra_models`` (other
+    trained models, e.g. BD-KD's teacher) go to ``checkpoint-<step>/<name>``."""
     tmp = _fresh_tmp(output_dir, step)
     write_model(model, tokenizer, tmp / "model")
+    for name, extra in (extra_models or {}).items():
+        write_model(extra, tokenizer, tmp / name)
     return _publish(output_dir, step, tmp, trainer_state, config_yaml)
 
 
@@ -144,6 +148,16 @@ def resolve(path: str | Path) -> Path:
         raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE}, or neither model/ "
                                 f"nor {SHARDED_DIR}/)")
     return p
+
+
+def load_weights(model, directory: Path) -> None:
+    """Load the weights that ``write_model`` wrote to ``directory`` into ``model`` (in place, same device)."""
+    from .modeling import load_model
+
+    saved = load_model(directory, "float32").state_dict()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(saved[k])
 
 
 def load_state(path: Path) -> dict:

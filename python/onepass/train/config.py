@@ -92,6 +92,8 @@ class TeacherConfig:
     init_hidden_size: int = 96            # tiny-arith-sft: the teacher's hidden size
     init_sft_steps: int = 150             # tiny-arith-sft: full-batch SFT steps
     device: Optional[str] = None          # where the teacher runs (e.g. "cuda:1", "cpu"); default: the student's
+    offload: bool = False                 # frozen teacher kept on the CPU, moved to the student's device once per
+                                          # step for its forward, then back
 
 
 @dataclass
@@ -109,6 +111,12 @@ class DistillConfig:
     sinkhorn_epsilon: float = 0.1         # SinKD's entropic regularization ε
     sinkhorn_iters: int = 20              # SinKD's Sinkhorn iterations
     sinkhorn_temperature: float = 1.0     # SinKD's softmax temperature T
+    task_coef: float = 1.0                # bdkd: weight of each model's cross-entropy on the fixed completions
+    teacher_coef: float = 1.0             # bdkd: weight of KL(student‖teacher) in the teacher's loss
+    balance_major: float = 1.0            # bdkd: per-token weight of the KL direction that moves the student's
+                                          # entropy toward the teacher's (forward KL when the student is the
+                                          # more confident, reverse KL otherwise)
+    balance_minor: float = 0.5            # bdkd: per-token weight of the other KL direction
 
 
 @dataclass
@@ -163,7 +171,8 @@ class Config:
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "chi2", "alpha")
-DISTILLATION = ("opd", "kdrl", "offline")          # the algorithms that need a teacher
+DISTILLATION = ("opd", "kdrl", "offline", "bdkd")  # the algorithms that need a teacher
+FIXED_COMPLETIONS = ("offline", "bdkd")             # the algorithms that train on a data column, no sampling
 CHOICES = {
     "parallel": ("none", "ddp", "fsdp2"),
     "model.dtype": ("float32", "bfloat16"),
@@ -240,11 +249,58 @@ def _validate_distill(cfg: Config) -> None:
     if cfg.algorithm in ("kdrl", "offline") and d.divergence == "sampled_reverse_kl":
         raise ConfigError(f"distill.divergence for {cfg.algorithm} must be a full-vocabulary kind, got "
                           "'sampled_reverse_kl'")
-    if cfg.algorithm == "offline" and cfg.rollout.num_generations != 1:
-        raise ConfigError("offline: rollout.num_generations must be 1 (one fixed completion per prompt), got "
-                          f"{cfg.rollout.num_generations}")
+    if cfg.algorithm == "kdrl" and d.temperature != cfg.rollout.temperature:
+        raise ConfigError("kdrl: distill.temperature must equal rollout.temperature (the GRPO sweep computes the "
+                          f"policy ratio and the divergence at one temperature), got {d.temperature} vs "
+                          f"{cfg.rollout.temperature}")
+    if cfg.algorithm in FIXED_COMPLETIONS and cfg.rollout.num_generations != 1:
+        raise ConfigError(f"{cfg.algorithm}: rollout.num_generations must be 1 (one fixed completion per prompt), "
+                          f"got {cfg.rollout.num_generations}")
+    if cfg.algorithm == "bdkd":
+        _validate_bdkd(cfg)
+    _validate_teacher_placement(cfg)
     if cfg.algorithm == "offline" and d.coef == 0 and d.sinkhorn_coef == 0:
         raise ConfigError("offline: distill.coef and distill.sinkhorn_coef are both 0: there is no loss")
+
+
+def _validate_bdkd(cfg: Config) -> None:
+    d = cfg.distill
+    if d.divergence != "reverse_kl":
+        raise ConfigError("distill.divergence is not used by bdkd (its divergences are the forward and reverse KL, "
+                          f"balanced per token); leave it at reverse_kl, got {d.divergence!r}")
+    for key in ("distill.coef", "distill.task_coef", "distill.teacher_coef", "distill.balance_major",
+                "distill.balance_minor"):
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.teacher.offload:
+        raise ConfigError("teacher.offload is for a frozen teacher; bdkd trains the teacher (use teacher.device)")
+    if cfg.parallel != "none":
+        raise ConfigError(f"parallel: {cfg.parallel} is not supported with bdkd yet (its teacher trains too and "
+                          "would need its own DDP / FSDP2 wrapping); use parallel: none")
+
+
+def _validate_teacher_placement(cfg: Config) -> None:
+    """teacher.device must name a device of this machine; teacher.offload keeps the teacher on the CPU."""
+    import torch
+
+    t = cfg.teacher
+    if t.offload and t.device not in (None, "cpu"):
+        raise ConfigError("teacher.offload keeps the teacher on the CPU between steps; teacher.device must be unset "
+                          f"or 'cpu' with it, got teacher.device={t.device!r}")
+    if t.device is None:
+        return
+    try:
+        dev = torch.device(t.device)
+    except RuntimeError as e:
+        raise ConfigError(f"teacher.device {t.device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"teacher.device {t.device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"teacher.device {t.device!r}: this machine has {count} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"teacher.device must be 'cpu' or a CUDA device ('cuda', 'cuda:1'), got {t.device!r}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, **defaults) -> Config:

@@ -91,7 +91,8 @@ class Trainer:
         check_context(self.texts, self.tokenizer, cfg.rollout.max_new_tokens,
                       getattr(self.model.config, "max_position_embeddings", None))
         self.policy = self.parallel.wrap(self.model, self.algorithm)   # FSDP2: the parameters become shards
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.extra_models = self.algorithm.trained_models()   # e.g. BD-KD's teacher: optimized with the policy
+        self.params = [p for m in (self.policy, *self.extra_models.values()) for p in m.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -141,6 +142,8 @@ class Trainer:
         if len(state["rng"]) != self.parallel.world:
             raise ConfigError(f"--resume {ckpt}: saved by {len(state['rng'])} process(es), this run has "
                               f"{self.parallel.world}: resume with the same world size")
+        for name, module in self.extra_models.items():
+            checkpoint.load_weights(module, ckpt / name)
         if self.parallel.mode == "fsdp2":
             checkpoint.load_sharded(ckpt, self.policy, self.optimizer)
         else:
@@ -222,7 +225,8 @@ class Trainer:
         batch = self._rollout()
         metrics = self._prepare_metrics(self.parallel.call(self.policy, lambda model: self.algorithm.prepare(model, batch)),
                                         batch)
-        self.policy.train()
+        for m in (self.policy, *self.extra_models.values()):
+            m.train()
         n = batch.input_ids.shape[0]
         order = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
         losses, stats, grad_norms = [], defaultdict(float), []
@@ -278,23 +282,27 @@ class Trainer:
             return checkpoint.save_sharded(self.out, self.step, self.policy, self.optimizer, state,
                                            self.config_yaml, self.parallel)
         if self.parallel.is_main:
-            checkpoint.save(self.out, self.step, self.model, self.tokenizer, state, self.config_yaml)
+            checkpoint.save(self.out, self.step, self.model, self.tokenizer, state, self.config_yaml,
+                            self.extra_models)
         self.parallel.barrier()
         return self.out / f"checkpoint-{self.step}"
 
     def save_final(self) -> Path:
-        """``final/``: ``save_pretrained`` of the full weights (gathered from the shards under FSDP2)."""
-        final, tmp = self.out / "final", self.out / ".tmp-final"
+        """``final/``: ``save_pretrained`` of the full weights (gathered from the shards under FSDP2), and each of
+        the algorithm's other trained models to ``final_<name>``; returns the policy's directory."""
         state_dict = checkpoint.full_state_dict(self.model) if self.parallel.mode == "fsdp2" else None
         if self.parallel.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            checkpoint.write_model(self.model, self.tokenizer, tmp, state_dict=state_dict)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            models = [("final", self.model, state_dict)] + [(f"final_{k}", m, None) for k, m in self.extra_models.items()]
+            for name, model, weights in models:
+                final, tmp = self.out / name, self.out / f".tmp-{name}"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                checkpoint.write_model(model, self.tokenizer, tmp, state_dict=weights)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
         self.parallel.barrier()
-        return final
+        return self.out / "final"
 
     def _print_samples(self, write) -> None:
         b = self.last_batch
