@@ -337,6 +337,14 @@ def check_grpo_inputs(hidden, weight, targets, advantages, *, mask, bias, old_lo
     return v
 
 
+def _layout_of(hidden, cu_seqlens, seq_ids) -> SequenceLayout:
+    """The layout of a loss's rows: packed when ``cu_seqlens`` or ``seq_ids`` is given (hidden [N, D])."""
+    if cu_seqlens is None and seq_ids is None:
+        return SequenceLayout()
+    _validate.check_float("hidden", hidden)
+    return sequence_layout(hidden.shape[0] if hidden.dim() == 2 else -1, cu_seqlens, seq_ids)
+
+
 def _packed_hidden(hidden, layout_given):
     """[1, N, D] packed hidden states as [N, D] (others unchanged)."""
     if layout_given and isinstance(hidden, Tensor) and hidden.dim() == 3 and hidden.shape[0] == 1:
@@ -385,11 +393,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     terms, aggregation = loss_options("grpo_loss", options)
     layout_given = cu_seqlens is not None or seq_ids is not None
     hidden, ref_hidden = _packed_hidden(hidden, layout_given), _packed_hidden(ref_hidden, layout_given)
-    if layout_given:
-        _validate.check_float("hidden", hidden)
-        layout = sequence_layout(hidden.shape[0] if hidden.dim() == 2 else -1, cu_seqlens, seq_ids)
-    else:
-        layout = SequenceLayout()
+    layout = _layout_of(hidden, cu_seqlens, seq_ids)
     v = check_grpo_inputs(hidden, weight, targets, advantages, mask=mask, bias=bias, old_logp=old_logp,
                           ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                           kl_estimator=terms.kl_estimator, beta=terms.beta, ref_divergence=ref_divergence,
@@ -458,10 +462,12 @@ def opd_token_loss(stats: VocabStats, ref_logp=None, *, sampled=False, reward_sc
 
 
 def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask, divergence,
-                     beta, alpha, reward_scale, ref_logp, student_bias, teacher_bias) -> tuple[int, Kind, float, float]:
+                     beta, alpha, reward_scale, ref_logp, student_bias, teacher_bias,
+                     packed=False) -> tuple[int, Kind, float, float]:
     """The argument checks of ``opd_loss`` (shared with ``onepass.distributed.opd_loss``); returns (V of
     ``student_weight``, the kernel's (kind, β, α): ``Kind.NONE`` for ``OPD_SAMPLED``)."""
-    v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_")
+    v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_",
+                           packed=packed)
     _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
                                  v)
     _check_token_tensor("ref_logp", ref_logp, targets.shape)
@@ -484,7 +490,8 @@ def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_wei
 
 def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
-             teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto"):
+             teacher_bias=None, temperature=1.0, loss_agg="token-mean", cu_seqlens=None, seq_ids=None,
+             backend="auto"):
     """On-policy distillation loss; student and teacher LM heads in one sweep over the vocabulary.
 
     - ``divergence`` a kind of ``onepass.divergence`` (forward_kl, reverse_kl, jsd, tv, hellinger, chi2,
@@ -497,15 +504,21 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
       is the mean −r (the sampled reverse KL for λ = 1) and whose gradient is −agg(r ∇log p).
 
     Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
-    [V, Dt], targets (the sampled tokens) and mask [B, T].  Returns (loss, metrics).
+    [V, Dt], targets (the sampled tokens) and mask [B, T].  Packed sequences: hiddens [N, D] (or
+    [1, N, D]) with ``cu_seqlens`` [S+1] or ``seq_ids`` [N], targets / mask / ref_logp [N]: the sequence
+    means of ``loss_agg`` use the segments (equal to the padded call).  Returns (loss, metrics).
     """
+    layout_given = cu_seqlens is not None or seq_ids is not None
+    student_hidden = _packed_hidden(student_hidden, layout_given)
+    teacher_hidden = _packed_hidden(teacher_hidden, layout_given)
+    layout = _layout_of(student_hidden, cu_seqlens, seq_ids)
     v, kind, beta, alpha = check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
                                             mask=mask, divergence=divergence, beta=beta, alpha=alpha,
                                             reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
-                                            teacher_bias=teacher_bias)
+                                            teacher_bias=teacher_bias, packed=layout.packed)
     sampled = divergence == OPD_SAMPLED
     T = _validate.check_temperature(temperature)
-    w = aggregation_weights(mask, loss_agg)
+    w = layout.rows(aggregation_weights(layout.grid(mask), loss_agg))
     be = _dispatch.resolve_backend(backend, student_hidden, "vocab_stats", "opd_loss")
     inputs = {k: x for k, x in _constants(mask, ref_logp=ref_logp).items() if x is not None}
     token_loss = functools.partial(opd_token_loss, sampled=sampled, reward_scale=float(reward_scale))

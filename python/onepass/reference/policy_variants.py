@@ -213,7 +213,7 @@ def _clip_cov(ctx, epsilon_low=0.2, epsilon_high=0.2, cov_fraction=2e-4, cov_bou
         cand = (cov > cov_bounds[0]) & (cov < cov_bounds[1]) & valid & ~(pg2 > pg1)
         idx = torch.nonzero(cand)
         n_clip = max(int(cov_fraction * mask.sum().item()), 1)
-        keep = torch.ones_like(A)
+        keep = torch.ones_like(cov)  # [B, T] also for per-sequence advantages
         if len(idx) > 0:
             idx = idx[torch.randperm(len(idx), generator=generator)[:min(n_clip, len(idx))]]
             keep[idx[:, 0], idx[:, 1]] = 0.0
