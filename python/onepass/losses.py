@@ -30,7 +30,8 @@ from . import _dispatch, _validate
 from ._contract import DIVERGENCES, Kind, VocabStats, kernel_kind
 from ._ops.fused_loss import linear_token_loss
 from .kl import check_estimator, kl_estimate
-from .policy_terms import Aggregation, PolicyTerms, default_generator, term_weights, token_contributions
+from .policy_terms import (Aggregation, PolicyTerms, default_generator, sequence_weights_per_token, term_weights,
+                           token_contributions)
 
 RATIO_LOG_CLAMP = 20.0
 OPD_SAMPLED = "sampled_reverse_kl"
@@ -214,9 +215,9 @@ def policy_loss(logp, advantages, *, mask, old_logp=None, ref_logp=None, kl=None
         raise ValueError("give the KL either as kl or as ref_logp, not both")
     _validate.check_same_device(logp=logp, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
                                 kl=kl, entropy=entropy, token_weights=token_weights, sampling_logp=sampling_logp)
-    consts = _constants(mask, advantages=_expand_per_sequence(advantages, logp), old_logp=old_logp,
-                        ref_logp=ref_logp, token_weights=None if token_weights is None else
-                        _expand_per_sequence(token_weights, logp), sampling_logp=sampling_logp)
+    on_grid = functools.partial(_per_sequence_or_token_on_grid, SequenceLayout(), logp.shape, mask)
+    consts = _constants(mask, advantages=on_grid(advantages), old_logp=old_logp, ref_logp=ref_logp,
+                        token_weights=on_grid(token_weights, terms), sampling_logp=sampling_logp)
     return _policy_loss(terms, aggregation, logp, consts["advantages"], mask, kl=kl, entropy=entropy,
                         **{k: consts[k] for k in ("old_logp", "ref_logp", "token_weights", "sampling_logp")})
 
@@ -341,8 +342,13 @@ def _layout_of(hidden, cu_seqlens, seq_ids) -> SequenceLayout:
     """The layout of a loss's rows: packed when ``cu_seqlens`` or ``seq_ids`` is given (hidden [N, D])."""
     if cu_seqlens is None and seq_ids is None:
         return SequenceLayout()
+    if cu_seqlens is not None and seq_ids is not None:
+        raise ValueError("give packed sequences as cu_seqlens or as seq_ids, not both")
     _validate.check_float("hidden", hidden)
-    return sequence_layout(hidden.shape[0] if hidden.dim() == 2 else -1, cu_seqlens, seq_ids)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D] or [1, N, D] with cu_seqlens / seq_ids (packed sequences), got shape "
+                         f"{tuple(hidden.shape)}")
+    return sequence_layout(hidden.shape[0], cu_seqlens, seq_ids)
 
 
 def _packed_hidden(hidden, layout_given):
@@ -352,13 +358,14 @@ def _packed_hidden(hidden, layout_given):
     return hidden
 
 
-def _per_sequence_or_token_on_grid(layout: SequenceLayout, token_shape, grid_mask, x):
-    """A per-token input (``token_shape``) or a per-sequence one ([S] or [S, 1]) as [S, T] on the grid."""
+def _per_sequence_or_token_on_grid(layout: SequenceLayout, token_shape, grid_mask, x, terms=None):
+    """A per-token input (``token_shape``) or a per-sequence one ([S] or [S, 1]) as [S, T] on the grid;
+    with ``terms``, per-sequence correction weights as ``sequence_weights_per_token``."""
     if x is None:
         return None
     if x.shape == token_shape:
-        return _expand_per_sequence(layout.grid(x), grid_mask)
-    return _expand_per_sequence(x, grid_mask)
+        return layout.grid(x)
+    return _expand_per_sequence(x, grid_mask) if terms is None else sequence_weights_per_token(terms, x, grid_mask)
 
 
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
@@ -414,7 +421,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     grid_mask = layout.grid(mask)
     on_grid = functools.partial(_per_sequence_or_token_on_grid, layout, targets.shape, grid_mask)
     consts = _constants(grid_mask, advantages=on_grid(advantages), old_logp=layout.grid(old_logp),
-                        ref_logp=layout.grid(ref_logp), token_weights=on_grid(token_weights),
+                        ref_logp=layout.grid(ref_logp), token_weights=on_grid(token_weights, terms),
                         sampling_logp=layout.grid(sampling_logp))
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     w_pg, w_kl, w_entropy = term_weights(terms, aggregation, grid_mask, dt)

@@ -175,6 +175,7 @@ class Objective(NamedTuple):
     fn: Callable
     cross_token: bool = False  # needs sequence or batch reductions of per-token values
     own_weights: bool = False  # takes the correction weights itself (not multiplied onto ℓ)
+    sums_log_weights: bool = False  # multiplies the weights over the sequence: a per-sequence weight counts once
 
 
 OBJECTIVES = {
@@ -188,8 +189,18 @@ OBJECTIVES = {
     "kl_cov": Objective(_kl_cov, cross_token=True),
     "geo_mean": Objective(_geo_mean, cross_token=True, own_weights=True),
     "dro": Objective(_dro),
-    "vespo": Objective(_vespo, cross_token=True, own_weights=True),
+    "vespo": Objective(_vespo, cross_token=True, own_weights=True, sums_log_weights=True),
 }
+
+
+def sequence_weights_per_token(terms: "PolicyTerms", weights: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence correction weights [B] or [B, 1] as per-token ones [B, T]: broadcast, or, for an
+    objective that multiplies the weights over the sequence (vespo), w_b^(1/n_b) on each unmasked token."""
+    w = (weights[:, None] if weights.dim() == 1 else weights).expand(mask.shape)
+    if not OBJECTIVES[terms.objective].sums_log_weights:
+        return w
+    n_b = (mask != 0).sum(-1, keepdim=True).clamp_min(1).to(w.dtype)
+    return torch.exp(torch.log(w) / n_b)
 
 
 class _Context(NamedTuple):

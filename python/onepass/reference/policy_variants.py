@@ -228,13 +228,13 @@ def _kl_cov(ctx, cov_fraction=2e-4, kl_cov_coef=1.0, **_):
     flat_valid = torch.nonzero(mask.reshape(-1).bool(), as_tuple=True)[0]
     if len(flat_valid) > 0:
         with torch.no_grad():
-            a = A.reshape(-1)[flat_valid]
+            a = A.expand(mask.shape).reshape(-1)[flat_valid]
             lp = ctx["logp"].reshape(-1)[flat_valid]
             cov = (a - a.mean()) * (lp - lp.mean())
             top = flat_valid[torch.topk(cov, max(1, int(len(cov) * cov_fraction)), largest=True).indices]
-        penalized = torch.zeros(A.numel(), dtype=torch.bool, device=A.device)
+        penalized = torch.zeros(mask.numel(), dtype=torch.bool, device=A.device)  # [B, T] also for A [B, 1]
         penalized[top] = True
-        pg = torch.where(penalized.view(A.shape), pg + kl_cov_coef * log_ratio.abs(), pg)
+        pg = torch.where(penalized.view(mask.shape), pg + kl_cov_coef * log_ratio.abs(), pg)
     return pg, {}
 
 
