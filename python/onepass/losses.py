@@ -427,13 +427,15 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     w_pg, w_kl, w_entropy = term_weights(terms, aggregation, grid_mask, dt)
     inputs = dict(consts, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy)
     inputs = {k: layout.rows(x) for k, x in inputs.items() if x is not None}
+    rows_apart = terms.row_elementwise  # chunks of rows; else all rows, placed in the grid
     token_loss = functools.partial(grpo_token_loss, terms=terms, aggregation=aggregation, reference_in_sweep=two,
-                                   layout=layout, mask=None if terms.row_elementwise else grid_mask)
+                                   layout=SequenceLayout() if rows_apart else layout,
+                                   mask=None if rows_apart else grid_mask)
     generator_state = terms.generator.get_state() if terms.needs_generator_state() else None
     loss, stats = linear_token_loss(token_loss, torch.ones_like(inputs["w_pg"]), inputs, hidden, weight, bias,
                                     ref_hidden, ref_weight, ref_bias, targets=_loss_targets(targets, mask, v),
                                     inv_temp=1.0 / T, backend=be, kind=kind, beta=div_beta, alpha=div_alpha,
-                                    need_entropy=True, row_elementwise=terms.row_elementwise)
+                                    need_entropy=True, row_elementwise=rows_apart)
     with torch.no_grad():
         if generator_state is not None:  # the metrics see the same random draw as the loss
             after = terms.generator.get_state()
