@@ -504,3 +504,32 @@ def test_bad_packed_inputs():
         corrections.trl_vllm_is_weights(d["old"], d["old"], d["mask"], mode="token_clip")
     with pytest.raises(ValueError, match="rejection option"):
         corrections.rollout_rejection_mask(d["old"], d["old"], d["mask"], {"token_k4": 1.0})
+
+
+TRL_DIRECT = [dict(loss_type="grpo", beta=0.04), dict(loss_type="dapo", gradient_accumulation_steps=2,
+                                                        steps_per_generation=4, entropy_coef=0.01),
+              dict(loss_type="dr_grpo", max_completion_length=9), dict(loss_type="luspo", importance_sampling_level="sequence"),
+              dict(loss_type="cispo", epsilon_high=1.2), dict(loss_type="sapo", beta=0.04)]
+
+
+@pytest.mark.parametrize("cfg", TRL_DIRECT, ids=[c["loss_type"] for c in TRL_DIRECT])
+def test_fused_vs_trl_itself(cfg):
+    """The fused loss with ``presets.trl_grpo`` against TRL's own ``GRPOTrainer._compute_loss`` fed with the
+    float64 log-probs of the same hidden states (loss and gradient w.r.t. hidden)."""
+    pytest.importorskip("trl")
+    from test_policy_variants_reference import _trl_loss
+
+    d = _data(_seed("trl-" + cfg["loss_type"]))
+    hr = d["h"].double().requires_grad_()
+    logp, entropy = _logp_entropy(hr, d["w"].double(), d["t"])
+    peer_inputs = dict(mask=d["mask"].long(), adv=d["adv"].double(), old=d["old"].double(), ref=d["ref"].double(),
+                       entropy=entropy)  # with its gradient: the entropy bonus
+    peer = _trl_loss(peer_inputs, logp, cfg)[0]
+    peer.backward()
+    h = d["h"].clone().requires_grad_()
+    kw = presets.trl_grpo(num_items_in_batch=d["mask"].sum(), **cfg)
+    loss, _ = onepass.grpo_loss(h, d["w"], d["t"], d["adv"], mask=d["mask"], old_logp=d["old"], ref_logp=d["ref"],
+                                temperature=TEMPERATURE, backend="cpu", **kw)
+    loss.backward()
+    assert abs(loss.item() - peer.item()) <= 2e-5 * max(1.0, abs(peer.item()))
+    assert (h.grad.double() - hr.grad).abs().max() <= 1e-4 * max(hr.grad.abs().max().item(), 1e-3)
