@@ -533,3 +533,22 @@ def test_fused_vs_trl_itself(cfg):
     loss.backward()
     assert abs(loss.item() - peer.item()) <= 2e-5 * max(1.0, abs(peer.item()))
     assert (h.grad.double() - hr.grad).abs().max() <= 1e-4 * max(hr.grad.abs().max().item(), 1e-3)
+
+
+def test_entropy_quantile_matches_torch_quantile():
+    """The high-entropy threshold (sort-based: no 2^24-element limit) equals ``torch.quantile``."""
+    from onepass.policy_terms import _quantile
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 9, 1000):
+        x = torch.randn(n, generator=g)
+        for q in (0.0, 0.25, 0.6, 0.999, 1.0):
+            assert torch.allclose(_quantile(x, q), torch.quantile(x, q), rtol=0, atol=1e-6), (n, q)
+
+
+def test_kl_penalty_bad_arguments():
+    x = torch.zeros(2, 3)
+    for kw, name in ((dict(value_clamp=-1.0), "value_clamp"), (dict(clamp=(2.0, 1.0)), "clamp"),
+                     (dict(gradient="k4"), "kl_gradient"), (dict(old_logp=torch.zeros(3)), "old_logp"),
+                     (dict(estimator="low_var"), "estimator")):
+        with pytest.raises(ValueError, match=name):
+            onepass.kl_penalty(x, x, **kw)

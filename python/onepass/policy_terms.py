@@ -407,8 +407,16 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Ten
     local = e[keep]
     if local.numel() == 0:
         return torch.zeros_like(e)
-    threshold = torch.quantile(local.float(), 1.0 - top_quantile).to(e.dtype)
-    return ((e >= threshold) & keep).to(e.dtype)
+    return ((e >= _quantile(local.float(), 1.0 - top_quantile).to(e.dtype)) & keep).to(e.dtype)
+
+
+def _quantile(x: Tensor, q: float) -> Tensor:
+    """``torch.quantile(x, q)`` (linear interpolation) for 1-D x of any size (torch's is limited to 2^24)."""
+    ordered = x.sort().values
+    position = q * (x.numel() - 1)
+    low = min(int(math.floor(position)), x.numel() - 1)
+    high = min(low + 1, x.numel() - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 class Contributions(NamedTuple):
