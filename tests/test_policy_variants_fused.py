@@ -508,7 +508,8 @@ def test_bad_packed_inputs():
 
 TRL_DIRECT = [dict(loss_type="grpo", beta=0.04), dict(loss_type="dapo", gradient_accumulation_steps=2,
                                                         steps_per_generation=4, entropy_coef=0.01),
-              dict(loss_type="dr_grpo", max_completion_length=9), dict(loss_type="luspo", importance_sampling_level="sequence"),
+              dict(loss_type="dr_grpo", max_completion_length=9),
+              dict(loss_type="luspo", importance_sampling_level="sequence"),
               dict(loss_type="cispo", epsilon_high=1.2), dict(loss_type="sapo", beta=0.04)]
 
 

@@ -104,8 +104,8 @@ def kl_penalty(logp, ref_logp, *, estimator="k3", clamp=20.0, value_clamp=None, 
     _validate.check_same_device(logp=logp, ref_logp=ref_logp, old_logp=old_logp)
     check_estimator(estimator)
     check_kl_gradient(gradient)
-    return kl_estimate(logp, ref_logp, estimator, check_bounds("clamp", clamp), check_bounds("value_clamp", value_clamp),
-                       gradient, old_logp)
+    return kl_estimate(logp, ref_logp, estimator, check_bounds("clamp", clamp),
+                       check_bounds("value_clamp", value_clamp), gradient, old_logp)
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,

@@ -150,8 +150,8 @@ def _policy_loss(terms: PolicyTerms, aggregation: Aggregation, logp, advantages,
     """``policy_loss`` on validated [B, T] inputs (the constants already zeroed where mask is 0)."""
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     keep = mask != 0
-    zero = lambda x: None if x is None else torch.where(keep, x.to(dt), torch.zeros((), dtype=dt, device=x.device))  # noqa: E731
-    logp, kl, entropy = zero(logp), zero(kl), zero(entropy)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    logp, kl, entropy = (None if x is None else torch.where(keep, x.to(dt), zero) for x in (logp, kl, entropy))
     w_pg, w_kl, w_entropy = term_weights(terms, aggregation, mask, dt)
     c = token_contributions(terms, logp, entropy, advantages, w_pg=w_pg, w_kl=w_kl, w_entropy=w_entropy,
                             old_logp=old_logp, kl=kl, ref_logp=ref_logp, token_weights=token_weights,
@@ -175,7 +175,8 @@ def _check_per_sequence_or_token(name, x, n_seq, token_shape, *, required=False)
     _validate.check_float(name, x)
     allowed = ((n_seq,), (n_seq, 1), tuple(token_shape))
     if tuple(x.shape) not in allowed:
-        raise ValueError(f"{name} must be per sequence [{n_seq}] or per token {list(token_shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must be per sequence [{n_seq}] or per token {list(token_shape)}, "
+                         f"got {tuple(x.shape)}")
 
 
 def policy_loss(logp, advantages, *, mask, old_logp=None, ref_logp=None, kl=None, entropy=None, token_weights=None,

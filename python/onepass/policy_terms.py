@@ -62,7 +62,8 @@ def _ppo_clip(c, t):
 def _cispo(c, t):
     ratio = torch.exp(c.log_ratio)
     bounded = ratio.clamp(1.0 - t.epsilon_low, 1.0 + t.epsilon_high).detach()
-    return -bounded * c.A * c.logp, {"clip_frac": ratio != bounded, "cispo_clip": (ratio > 1.0 + t.epsilon_high) & (c.A > 0)}
+    cispo_clip = (ratio > 1.0 + t.epsilon_high) & (c.A > 0)
+    return -bounded * c.A * c.logp, {"clip_frac": ratio != bounded, "cispo_clip": cispo_clip}
 
 
 def _sapo(c, t):

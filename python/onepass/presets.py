@@ -78,11 +78,13 @@ def verl_ppo(loss_mode: str = "vanilla", *, clip_ratio: float = 0.2, clip_ratio_
              clip_cov_ratio: float = 0.0002, clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
              kl_cov_ratio: float = 0.0002, ppo_kl_coef: float = 0.1, dro_beta=None, dp_size: int = 1,
              batch_num_tokens=None, global_batch_size=None) -> dict:
-    """``grpo_loss`` / ``policy_loss`` keywords reproducing verl 0.9's actor loss (``verl.workers.utils.losses.ppo_loss``:
+    """``grpo_loss`` / ``policy_loss`` keywords reproducing verl 0.9's actor loss
+    (``verl.workers.utils.losses.ppo_loss``:
     the registered policy loss + entropy and KL terms, each through ``agg_loss``) for the given
     ``ActorConfig`` / ``PolicyLossConfig`` values (defaults are verl's; ``clip_ratio_c`` is the dual clip of
     vanilla and the truncation of dppo_*; ``clip_ratio`` only applies where ``clip_ratio_low`` / ``_high``
-    are None, and ActorConfig defaults both to 0.2).  ``onepass.corrections.rollout_is_weights`` goes in ``token_weights``."""
+    are None, and ActorConfig defaults both to 0.2).  ``onepass.corrections.rollout_is_weights`` goes in
+    ``token_weights``."""
     if loss_mode not in VERL_LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {VERL_LOSS_MODES}, got {loss_mode!r}")
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
@@ -121,7 +123,8 @@ def openrlhf_ppo(policy_loss_type: str = "ppo", *, clip_eps_low: float = 0.2, cl
                  batch_num_tokens=None, global_batch_size=None) -> dict:
     """``grpo_loss`` / ``policy_loss`` keywords reproducing OpenRLHF 0.11's actor loss (``PolicyLoss`` + the KL loss of
     ``compute_approx_kl`` and the entropy term, both aggregated per token by ``aggregate_loss``).  The
-    train/rollout correction goes in ``token_weights`` (``onepass.corrections.rollout_is_weights`` with OpenRLHF's options);
+    train/rollout correction goes in ``token_weights`` (``onepass.corrections.rollout_is_weights`` with
+    OpenRLHF's options);
     for gspo with a correction, pass the rollout log-probs as ``old_logp`` (as OpenRLHF does)."""
     if policy_loss_type not in ("ppo", "gspo"):
         raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
