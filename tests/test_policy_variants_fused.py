@@ -344,9 +344,12 @@ PACKED_CASES = [
 ]
 
 
+PACKED_FORMS = [(case, "cu_seqlens") for case in PACKED_CASES] + [
+    (PACKED_CASES[0], "seq_ids"), (PACKED_CASES[3], "seq_ids"), (PACKED_CASES[4], "batch-of-one")]
+
+
 @pytest.mark.parametrize("backend,device", NATIVE)
-@pytest.mark.parametrize("form", ["cu_seqlens", "seq_ids", "batch-of-one"])
-@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+@pytest.mark.parametrize("case,form", PACKED_FORMS, ids=[f"{c[0]}-{f}" for c, f in PACKED_FORMS])
 def test_packed_grpo_equals_padded(backend, device, form, case, monkeypatch):
     monkeypatch.setitem(vocab_stats.CHUNK_BYTES, "cpu", 1)  # 16-row chunks: the one-pass path sees 2 chunks
     name, kw = case
