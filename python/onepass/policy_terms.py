@@ -219,13 +219,14 @@ class _Context(NamedTuple):
 def _number(name, x, *, low=None, strict=False, allow_none=False, allow_inf=False):
     if x is None and allow_none:
         return None
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-    ok = ok and (allow_inf or math.isfinite(x))
+    # comparisons only (no math.isnan / float()): a symbolic float under torch.compile stays symbolic
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    ok = ok and (allow_inf or abs(x) < math.inf)
     ok = ok and (low is None or (x > low if strict else x >= low))
     if not ok:
         bound = "" if low is None else f" {'>' if strict else '≥'} {low}"
         raise ValueError(f"{name} must be a finite number{bound}{' or None' if allow_none else ''}, got {x!r}")
-    return float(x)
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
