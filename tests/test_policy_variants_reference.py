@@ -25,6 +25,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from onepass import corrections, presets
 from onepass.reference import policy_variants as pv
 
 from _peers import import_peer
@@ -171,13 +172,13 @@ def test_trl_grpo_loss(case):
     is_min, is_max = cfg.pop("is_min", None), cfg.pop("is_max", 3.0)
     is_ratio = trl_ratio = None
     if is_mode is not None:
-        is_ratio = pv.trl_vllm_is_weights(d["old"], d["rollout"], d["mask"], mode=is_mode, clip_min=is_min,
+        is_ratio = corrections.trl_vllm_is_weights(d["old"], d["rollout"], d["mask"], mode=is_mode, clip_min=is_min,
                                           clip_max=is_max)
         trl_ratio = _trl_is_ratio(d, is_mode, is_min, is_max)  # 1, not 0, at masked positions
         assert trl_ratio.shape == is_ratio.shape
         _close(is_ratio, trl_ratio * (d["mask"] if is_ratio.shape[-1] > 1 else 1), 1e-12, "vLLM IS ratio")
     peer = _loss_and_grad(lambda x: _trl_loss(d, x, cfg, trl_ratio, sampling), d["logp"])
-    kw = pv.trl_grpo(num_items_in_batch=d["mask"].sum(), **cfg)
+    kw = presets.trl_grpo(num_items_in_batch=d["mask"].sum(), **cfg)
     ours = _loss_and_grad(lambda x: pv.policy_loss(x, d["adv"], mask=d["mask"], old_logp=d["old"], ref_logp=d["ref"],
                                                    entropy=d["entropy"], token_weights=is_ratio,
                                                    sampling_logp=sampling, **kw), d["logp"])
@@ -309,7 +310,7 @@ def test_verl_actor_loss(verl, case):
     if level is not None:
         weights, _ = verl.rc.compute_rollout_correction_weights(d["old"] - d["rollout"], d["mask"], rollout_is=level,
                                                                 rollout_is_threshold=2.0)
-    kw = pv.verl_ppo(**cfg, **info)
+    kw = presets.verl_ppo(**cfg, **info)
     seed = 1234
     torch.manual_seed(seed)
     peer = _loss_and_grad(lambda x: _verl_actor_loss(verl, d, x, cfg, weights, info), d["logp"])
@@ -341,7 +342,7 @@ def test_verl_rollout_is_weights(verl, level, threshold, batch_normalize):
                                                          rollout_is_threshold=threshold,
                                                          rollout_is_batch_normalize=batch_normalize)
     low, high = (None, threshold) if isinstance(threshold, float) else map(float, threshold.split("_"))
-    ours = pv.rollout_is_weights(d["old"], d["rollout"], d["mask"], level=level,
+    ours = corrections.rollout_is_weights(d["old"], d["rollout"], d["mask"], level=level,
                                  mode="truncate" if low is None else "mask", low=low, high=high, log_clamp=20.0,
                                  batch_normalize=batch_normalize)
     _close(ours.expand(peer.shape) * d["mask"], peer, 1e-10, "rollout_is_weights")
@@ -358,7 +359,7 @@ def test_verl_rollout_rejection_mask(verl, options):
                     for lo, hi in [b if isinstance(b, tuple) else (None, None)])
     peer, _ = verl.rc.compute_rollout_rejection_mask(d["old"] - d["rollout"], d["mask"].to(F64),
                                                      rollout_rs=",".join(options), rollout_rs_threshold=spec)
-    ours = pv.rollout_rejection_mask(d["old"], d["rollout"], d["mask"], options)
+    ours = corrections.rollout_rejection_mask(d["old"], d["rollout"], d["mask"], options)
     assert 0 < ours.sum() < d["mask"].sum()  # some tokens kept, some rejected
     assert torch.equal(ours, peer.to(F64))
 
@@ -424,11 +425,11 @@ def test_openrlhf_actor_loss(openrlhf, case):
         low, high = corr.get("is_correction_threshold", (0.5, 5.0))
         gating = corr.get("is_correction_gating", "ratio")
         mode = corr.get("is_correction_mode", "mask")
-        weights = pv.rollout_is_weights(d["old"], d["rollout"], d["mask"],
+        weights = corrections.rollout_is_weights(d["old"], d["rollout"], d["mask"],
                                         level="sequence" if corr["is_correction_level"] == "seq" else "token",
                                         mode="truncate" if mode == "clip" else "mask", low=low, high=high,
                                         seq_reduce="mean", gating=gating, mask_weight="token")
-    kw = pv.openrlhf_ppo(**cfg, **kl_cfg, **info)
+    kw = presets.openrlhf_ppo(**cfg, **kl_cfg, **info)
     peer = _loss_and_grad(peer_fn, d["logp"])
     ours = _loss_and_grad(lambda x: pv.policy_loss(x, d["adv"], mask=d["mask"], old_logp=d["old"], ref_logp=d["ref"],
                                                    entropy=d["entropy"], token_weights=weights, **kw), d["logp"])
@@ -443,7 +444,7 @@ def test_openrlhf_compute_approx_kl(openrlhf, estimator, unbiased):
     d = _inputs(21, spread=8.0)  # beyond the ±10 clamps and the IS-weight cap
     peer = _loss_and_grad(lambda x: ((openrlhf.kl(x, d["ref"], log_probs_old=d["old"], kl_estimator=estimator,
                                                   unbiased_gradient=unbiased) * d["mask"]).sum(), {}), d["logp"])
-    kw = pv.openrlhf_ppo(kl_estimator=estimator, unbiased_gradient=unbiased)
+    kw = presets.openrlhf_ppo(kl_estimator=estimator, unbiased_gradient=unbiased)
     options = dict(log_ratio_clamp=kw.get("kl_log_ratio_clamp"), value_clamp=kw["kl_value_clamp"],
                    gradient=kw["kl_gradient"], old_logp=d["old"])
     ours = _loss_and_grad(lambda x: ((pv.kl_penalty(x, d["ref"], estimator, **options) * d["mask"]).sum(), {}),
@@ -474,20 +475,20 @@ def test_aggregate_empty_batch_and_bad_arguments():
     with pytest.raises(ValueError, match="kl_gradient"):
         pv.kl_penalty(x, x, "k3", gradient="k3")
     with pytest.raises(ValueError, match="gating"):
-        pv.rollout_is_weights(x, x, empty, gating="chi2")
+        corrections.rollout_is_weights(x, x, empty, gating="chi2")
     with pytest.raises(ValueError, match="mode"):
-        pv.rollout_is_weights(x, x, empty, mode="clip")
+        corrections.rollout_is_weights(x, x, empty, mode="clip")
     with pytest.raises(ValueError, match="rejection option"):
-        pv.rollout_rejection_mask(x, x, empty, {"seq_min_k2": 0.1})
+        corrections.rollout_rejection_mask(x, x, empty, {"seq_min_k2": 0.1})
     with pytest.raises(ValueError, match="beta"):
         pv.policy_loss(x, x[:, 0], mask=empty, beta=0.1)
-    for preset, bad in ((pv.trl_grpo, "ppo"), (pv.verl_ppo, "ppo"), (pv.openrlhf_ppo, "grpo")):
+    for preset, bad in ((presets.trl_grpo, "ppo"), (presets.verl_ppo, "ppo"), (presets.openrlhf_ppo, "grpo")):
         with pytest.raises(ValueError, match="loss_type|loss_mode"):
             preset(bad)
     with pytest.raises(ValueError, match="num_items_in_batch"):
-        pv.trl_grpo("dapo")
+        presets.trl_grpo("dapo")
     with pytest.raises(ValueError, match="max_completion_length"):
-        pv.trl_grpo("dr_grpo")
+        presets.trl_grpo("dr_grpo")
 
 
 @pytest.mark.parametrize("agg", pv.LOSS_AGG_MODES)

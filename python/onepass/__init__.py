@@ -13,6 +13,7 @@ from .losses import grpo_loss, opd_loss, policy_loss
 from .sinkhorn import sinkhorn_distance
 from . import nn  # noqa: E402  (modules wrapping the functions above)
 from . import distributed  # noqa: E402  (vocabulary-parallel variants, FSDP2 helper)
+from . import corrections, presets  # noqa: E402  (off-policy corrections, peer-trainer loss presets)
 
 __version__ = "0.1.0"
 

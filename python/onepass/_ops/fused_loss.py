@@ -1,14 +1,16 @@
 """Fused linear losses: Σ_rows w · token_loss(stats of the row) from hidden states and LM heads.
 
-A loss is one per-token function ``token_loss(stats: VocabStats, **token_inputs) -> ℓ [n]`` (elementwise
-over rows: row r of ℓ may depend only on row r of the stats and inputs).  ``linear_token_loss`` runs it
-on every backend, choosing the path by capability:
+A loss is one per-token function ``token_loss(stats: VocabStats, **token_inputs) -> ℓ`` of the stats' shape.
+When it is row-elementwise (row r of ℓ depends only on row r of the stats and inputs), ``linear_token_loss``
+may stream chunks of rows; a loss declared not row-elementwise (sequence means, batch selections) gets all
+the rows at once, in the leading shape of ``hidden``.  The path is chosen by capability and that property:
 
 - ``Cap.ONE_PASS_LOSS`` with eager gradients: each chunk of rows has its logits computed once, streamed
   through the forward kernel, then - with the per-row gradients of ``token_loss`` (autograd on the
   chunk's stats) - through the backward kernel and applied to hidden/weight by matrix products: three
   matrix products per chunk instead of the four of a separate forward and recompute backward.
-- otherwise: ``linear_vocab_stats`` (an autograd op) then ℓ, differentiated by autograd.
+- otherwise: ``linear_vocab_stats`` (an autograd op: stats [N], no logits kept) then ℓ on all rows,
+  differentiated by autograd back through the sweep's backward.
 
 The second model (reference / teacher) never receives gradient.
 """
@@ -94,23 +96,25 @@ def linear_token_loss(token_loss: TokenLoss, weights: Tensor, token_inputs: dict
                       weight: Tensor, bias: Optional[Tensor] = None, hidden_b: Optional[Tensor] = None,
                       weight_b: Optional[Tensor] = None, bias_b: Optional[Tensor] = None, *,
                       targets: Tensor, inv_temp: float, backend: str, kind: Kind = Kind.NONE, beta: float = 0.0,
-                      alpha: float = 0.0, need_entropy: bool = False) -> tuple[Tensor, VocabStats]:
+                      alpha: float = 0.0, need_entropy: bool = False,
+                      row_elementwise: bool = True) -> tuple[Tensor, VocabStats]:
     """loss = Σ_r weights[r] · token_loss(stats[r], **token_inputs[r]) and the detached stats.
 
     ``hidden`` [..., D], ``weight`` [V, D], ``bias`` [V]: the trained model (a); ``hidden_b``,
     ``weight_b``, ``bias_b``: the frozen second model (b), or None.  ``targets`` [...] in kernel form,
     ``weights`` [...] and every ``token_inputs`` tensor [...] with the leading shape of ``hidden``.
+    ``row_elementwise`` False: ``token_loss`` needs all rows at once (no chunked one-pass path).
     The loss has the stats dtype (float32; float64 for float64 inputs)."""
     lead = hidden.shape[:-1]
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     hidden_b, weight_b, bias_b = detach(hidden_b), detach(weight_b), detach(bias_b)
     sweep = dict(inv_temp=inv_temp, kind=kind, beta=beta, alpha=alpha, need_entropy=need_entropy)
-    flat = {k: x.reshape(-1) for k, x in token_inputs.items()}
-    w = weights.reshape(-1)
-    if has(FAMILY, backend, Cap.ONE_PASS_LOSS) and _eager_gradients(hidden, weight, bias):
+    if row_elementwise and has(FAMILY, backend, Cap.ONE_PASS_LOSS) and _eager_gradients(hidden, weight, bias):
         contig = lambda x: None if x is None else x.contiguous()  # noqa: E731
         models = (rows(hidden), weight.contiguous(), contig(bias), rows(hidden_b), contig(weight_b), contig(bias_b))
         t = targets.reshape(-1).contiguous()
+        flat = {k: x.reshape(-1) for k, x in token_inputs.items()}
+        w = weights.reshape(-1)
 
         def run(needs):
             return _one_pass(backend, *models, t, inv_temp, int(kind), beta, alpha, need_entropy, token_loss, w, flat,
@@ -120,6 +124,5 @@ def linear_token_loss(token_loss: TokenLoss, weights: Tensor, token_inputs: dict
         return loss, VocabStats(stats).view(*lead)
     stats = linear_vocab_stats(hidden, weight, bias, hidden_b, weight_b, bias_b, targets=targets, backend=backend,
                                **sweep)
-    flat_stats = stats.view(-1)
-    loss = (w.to(flat_stats.tensor.dtype) * token_loss(flat_stats, **flat)).sum()
+    loss = (weights.to(stats.tensor.dtype) * token_loss(stats, **token_inputs)).sum()
     return loss, stats.detach()

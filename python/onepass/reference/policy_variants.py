@@ -11,7 +11,8 @@ terms, each aggregated on its own):
   sequence-token (GSPO-token: the sequence value, each token's own gradient) level.
 - ``OBJECTIVES``: the per-token policy term ℓ_t (ppo_clip with dual clip and TRL's ``delta`` cap, cispo,
   sapo, reinforce (verl gpg), dppo_tv, dppo_kl, clip_cov, kl_cov, geo_mean, dro, vespo).
-- multipliers of the policy term only: off-policy correction weights (``rollout_is_weights``), TRL's
+- multipliers of the policy term only: off-policy correction weights (``token_weights``, computed by the
+  public ``onepass.corrections`` helpers, which are checked against the peers directly), TRL's
   off-policy sequence mask (``off_policy_sequence_mask``) and high-entropy token mask
   (``high_entropy_mask``).
 - ``aggregate``: verl's ``loss_agg`` modes with global normalizers (token count, sequence count,
@@ -212,7 +213,7 @@ def _clip_cov(ctx, epsilon_low=0.2, epsilon_high=0.2, cov_fraction=2e-4, cov_bou
         cand = (cov > cov_bounds[0]) & (cov < cov_bounds[1]) & valid & ~(pg2 > pg1)
         idx = torch.nonzero(cand)
         n_clip = max(int(cov_fraction * mask.sum().item()), 1)
-        keep = torch.ones_like(A)
+        keep = torch.ones_like(cov)  # [B, T] also for per-sequence advantages
         if len(idx) > 0:
             idx = idx[torch.randperm(len(idx), generator=generator)[:min(n_clip, len(idx))]]
             keep[idx[:, 0], idx[:, 1]] = 0.0
@@ -227,13 +228,13 @@ def _kl_cov(ctx, cov_fraction=2e-4, kl_cov_coef=1.0, **_):
     flat_valid = torch.nonzero(mask.reshape(-1).bool(), as_tuple=True)[0]
     if len(flat_valid) > 0:
         with torch.no_grad():
-            a = A.reshape(-1)[flat_valid]
+            a = A.expand(mask.shape).reshape(-1)[flat_valid]
             lp = ctx["logp"].reshape(-1)[flat_valid]
             cov = (a - a.mean()) * (lp - lp.mean())
             top = flat_valid[torch.topk(cov, max(1, int(len(cov) * cov_fraction)), largest=True).indices]
-        penalized = torch.zeros(A.numel(), dtype=torch.bool, device=A.device)
+        penalized = torch.zeros(mask.numel(), dtype=torch.bool, device=A.device)  # [B, T] also for A [B, 1]
         penalized[top] = True
-        pg = torch.where(penalized.view(A.shape), pg + kl_cov_coef * log_ratio.abs(), pg)
+        pg = torch.where(penalized.view(mask.shape), pg + kl_cov_coef * log_ratio.abs(), pg)
     return pg, {}
 
 
@@ -308,101 +309,6 @@ _OWN_WEIGHTS = ("geo_mean", "vespo")
 # ----------------------------------------------------------------------------------------------------
 # Multipliers of the policy term
 # ----------------------------------------------------------------------------------------------------
-def rollout_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, level: str = "token",
-                       mode: str = "truncate", low=None, high=2.0, seq_reduce: str = "sum", gating: str = "ratio",
-                       mask_weight: str = "level", log_clamp=None, batch_normalize: bool = False) -> Tensor:
-    """Detached off-policy correction weights between the trainer's (old) and the rollout engine's
-    log-probs, multiplied onto the per-token policy term: [B, T] at token level, [B, 1] per sequence.
-
-    x_t = old_logp_t − rollout_logp_t (masked → 0, NaN → 0).  The statistic s is, per ``gating``:
-    "ratio": exp(x_t) (``level="token"``) or exp(Σ_t x_t) / exp(mean_t x_t) (``level="sequence"``,
-    ``seq_reduce="sum"`` / ``"mean"``), the log clamped to ``log_clamp`` first; "binary_kl" / "tv": the
-    Bernoulli KL / |p − q| of the sampled token's probabilities p = exp(rollout), q = exp(old) (both
-    clamped to [1e-6, 1 − 1e-6]), averaged over the sequence at ``level="sequence"`` (OpenRLHF).
-    ``mode="truncate"``: w = clamp(s, low, high) (TIS); ``mode="mask"``: w = s inside [low, high], 0
-    outside (IcePop / MIS); with ``mask_weight="token"`` the survivors get their own token ratio exp(x_t)
-    instead of s (OpenRLHF; the result is then [B, T]).  ``batch_normalize`` divides by the mean weight
-    (over unmasked tokens, or over non-empty sequences) when it exceeds 1e-8 (verl).
-    """
-    m = _m(mask)
-    x = torch.nan_to_num((_f64(old_logp) - _f64(rollout_logp)) * m, nan=0.0)
-    if gating == "ratio":
-        if level == "token":
-            stat = torch.exp(_clamp(x, log_clamp))
-        else:
-            s = x.sum(-1, keepdim=True)
-            if seq_reduce == "mean":
-                s = s / m.sum(-1, keepdim=True).clamp_min(1.0)
-            stat = torch.exp(_clamp(s, log_clamp))
-    elif gating in ("binary_kl", "tv"):
-        p = torch.exp(_f64(rollout_logp)).clamp(1e-6, 1 - 1e-6)
-        q = torch.exp(_f64(old_logp)).clamp(1e-6, 1 - 1e-6)
-        if gating == "binary_kl":
-            stat = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
-        else:
-            stat = (p - q).abs()
-        if level == "sequence":
-            stat = masked_mean(stat, mask, dim=-1).unsqueeze(-1)
-    else:
-        raise ValueError(f"gating must be 'ratio', 'binary_kl' or 'tv', got {gating!r}")
-    lo = -math.inf if low is None else low
-    hi = math.inf if high is None else high
-    if mode == "truncate":
-        w = stat.clamp(lo, hi)
-    elif mode == "mask":
-        keep = (stat >= lo) & (stat <= hi)
-        kept = torch.exp(x) if mask_weight == "token" else stat
-        w = torch.where(keep, kept, torch.zeros_like(kept))
-    else:
-        raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}")
-    if w.shape[-1] != 1:
-        w = w * m
-    if batch_normalize:
-        if w.shape[-1] != 1:
-            mean = masked_mean(w, mask)
-        else:
-            seq_mask = m.sum(-1) > 0
-            mean = w[:, 0][seq_mask].sum() / seq_mask.sum().clamp_min(1)
-        if mean > 1e-8:
-            w = w / mean
-    return w.detach()
-
-
-def rollout_rejection_mask(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, options: dict) -> Tensor:
-    """verl's rejection sampling (``compute_rollout_rejection_mask``): the mask [B, T] with the tokens, or
-    whole sequences, whose train/rollout divergence is out of bounds set to 0.
-
-    x_t = clamp(old_logp − rollout_logp, ±20); per token k1 = −x, k2 = x²/2, k3 = exp(x) − 1 − x.
-    ``options`` maps verl option names to bounds: "token_k{1,2,3}" (per token), "seq_sum_k{1,2,3}",
-    "seq_mean_k{1,2,3}" (masked sum / mean over the sequence), "seq_max_k{2,3}" (masked max, 0 for an
-    empty row).  k1 options take a (low, high) pair kept as log(low) ≤ k1 ≤ log(high) — note that k1 is
-    log(π_rollout/π_train), so the band bounds the inverse of the train/rollout ratio; the others take an
-    upper bound.  Every option must pass.
-    """
-    m = _m(mask)
-    x = (_f64(old_logp) - _f64(rollout_logp)).clamp(-20.0, 20.0)
-    per_token = {"k1": -x, "k2": 0.5 * x * x, "k3": torch.exp(x) - 1.0 - x}
-    keep = torch.ones_like(m)
-    for name, bound in options.items():
-        level, _, kind = name.rpartition("_")
-        value = per_token[kind]
-        if level == "seq_sum":
-            value = _where_masked(value, mask).sum(-1, keepdim=True)
-        elif level == "seq_mean":
-            value = masked_mean(value, mask, dim=-1).unsqueeze(-1)
-        elif level == "seq_max":
-            value = torch.where(mask.bool(), value, torch.full_like(value, -math.inf)).amax(-1, keepdim=True)
-            value = torch.where(torch.isinf(value), torch.zeros_like(value), value)
-        elif level != "token":
-            raise ValueError(f"unknown rejection option {name!r}")
-        if kind == "k1":
-            ok = (value >= math.log(bound[0])) & (value <= math.log(bound[1]))
-        else:
-            ok = value <= bound
-        keep = keep * ok.to(torch.float64)
-    return m * keep
-
-
 def off_policy_sequence_mask(logp: Tensor, sampling_logp: Tensor, advantages: Tensor, mask: Tensor,
                              threshold: float) -> Tensor:
     """TRL / DeepSeek-V3.2 off-policy sequence mask [B, 1] (or [B, T] for per-token advantages): keep a
@@ -552,137 +458,3 @@ def policy_loss(logp: Tensor, advantages: Tensor, *, mask: Tensor, old_logp=None
             loss = loss - entropy_coef * ent_loss
             metrics["entropy_loss"] = ent_loss.detach()
     return loss * loss_scale, metrics
-
-
-# ----------------------------------------------------------------------------------------------------
-# Peer presets: the keyword sets of ``policy_loss`` that reproduce each trainer's loss
-# ----------------------------------------------------------------------------------------------------
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
-VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "geo_mean",
-                   "dro")
-
-
-def trl_grpo(loss_type: str = "dapo", *, epsilon: float = 0.2, epsilon_high=None, delta=None,
-             importance_sampling_level: str = "token", beta: float = 0.0, use_bias_correction_kl: bool = True,
-             top_entropy_quantile: float = 1.0, off_policy_mask_threshold=None, entropy_coef: float = 0.0,
-             sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-             vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-             vespo_lambda_neg: float = 2.0, max_completion_length=None, num_items_in_batch=None,
-             num_processes: int = 1, gradient_accumulation_steps: int = 1, steps_per_generation=None,
-             training: bool = True) -> dict:
-    """``policy_loss`` keywords reproducing ``trl.GRPOTrainer._compute_loss`` (TRL 1.16) for the given
-    ``GRPOConfig`` values (defaults are TRL's).  ``num_items_in_batch`` (the generation batch's token
-    count) is needed by dapo, cispo and vespo; ``max_completion_length`` by dr_grpo.  The vLLM IS ratio
-    goes in ``token_weights`` (``trl_vllm_is_weights``), the old / sampling log-probs as tensors."""
-    if loss_type not in TRL_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {TRL_LOSS_TYPES}, got {loss_type!r}")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    gas = gradient_accumulation_steps if training else 1
-    kw = dict(ratio_level=importance_sampling_level, log_ratio_clamp=None, epsilon_low=epsilon, epsilon_high=eps_high,
-              ratio_cap=delta, beta=beta, kl_estimator="k3", kl_ratio_weight=use_bias_correction_kl,
-              top_entropy_quantile=top_entropy_quantile, off_policy_threshold=off_policy_mask_threshold,
-              entropy_coef=entropy_coef, entropy_agg="local-token-mean", loss_scale=1.0 / gas,
-              empty_sequences="count")
-    kw["objective"] = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}.get(loss_type, "ppo_clip")
-    if loss_type == "cispo":  # TRL caps the ratio at epsilon_high itself: clamp(r, max=ε_high)
-        kw.update(epsilon_low=math.inf, epsilon_high=eps_high - 1.0)
-    if loss_type == "sapo":
-        kw.update(sapo_tau_pos=sapo_temperature_pos, sapo_tau_neg=sapo_temperature_neg)
-    if loss_type == "vespo":
-        kw.update(vespo_params=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg))
-    if loss_type in ("grpo", "sapo"):
-        kw["loss_agg"] = "seq-mean-token-mean"
-    elif loss_type == "bnpo":
-        kw["loss_agg"] = "token-mean"
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        kw.update(loss_agg="seq-mean-token-sum-norm", horizon=max_completion_length)
-    elif loss_type == "luspo":
-        kw["loss_agg"] = "seq-mean-token-sum"
-    else:  # dapo, cispo, vespo: Σ / (num_items_in_batch / processes · gas / steps_per_generation), not / gas
-        if num_items_in_batch is None:
-            raise ValueError(f"loss_type={loss_type!r} needs num_items_in_batch")
-        normalizer = max(float(num_items_in_batch), 1.0) / num_processes
-        if training:
-            normalizer = normalizer * gas / (gas if steps_per_generation is None else steps_per_generation)
-        kw.update(loss_agg="token-mean", num_tokens=normalizer / gas)
-    return kw
-
-
-def trl_vllm_is_weights(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, *, mode: str = "sequence_mask",
-                        clip_min=None, clip_max=3.0) -> Tensor:
-    """TRL's ``vllm_importance_sampling_correction`` ratio ([B, T] token modes, [B, 1] sequence modes):
-    exp of the (summed, for sequence modes) masked log-ratio old − sampling, truncated to / masked
-    outside [clip_min, clip_max]."""
-    level, _, how = mode.partition("_")
-    return rollout_is_weights(old_logp, sampling_logp, mask, level=level, mode=how, low=clip_min, high=clip_max,
-                              seq_reduce="sum")
-
-
-def verl_ppo(loss_mode: str = "vanilla", *, clip_ratio: float = 0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
-             clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean", loss_scale_factor=None,
-             entropy_coeff: float = 0.0, use_kl_loss: bool = False, kl_loss_coef: float = 0.001,
-             kl_loss_type: str = "low_var_kl", tau_pos: float = 1.0, tau_neg: float = 1.05,
-             clip_cov_ratio: float = 0.0002, clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
-             kl_cov_ratio: float = 0.0002, ppo_kl_coef: float = 0.1, dro_beta=None, dp_size: int = 1,
-             batch_num_tokens=None, global_batch_size=None) -> dict:
-    """``policy_loss`` keywords reproducing verl 0.9's actor loss (``verl.workers.utils.losses.ppo_loss``:
-    the registered policy loss + entropy and KL terms, each through ``agg_loss``) for the given
-    ``ActorConfig`` / ``PolicyLossConfig`` values (defaults are verl's; ``clip_ratio_c`` is the dual clip of
-    vanilla and the truncation of dppo_*; ``clip_ratio`` only applies where ``clip_ratio_low`` / ``_high``
-    are None, and ActorConfig defaults both to 0.2).  ``rollout_is_weights`` goes in ``token_weights``."""
-    if loss_mode not in VERL_LOSS_MODES:
-        raise ValueError(f"loss_mode must be one of {VERL_LOSS_MODES}, got {loss_mode!r}")
-    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
-    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    kw = dict(epsilon_low=low, epsilon_high=high, log_ratio_clamp=20.0, loss_agg=loss_agg_mode,
-              kl_agg=loss_agg_mode, entropy_agg=loss_agg_mode, num_tokens=batch_num_tokens,
-              num_sequences=global_batch_size, horizon=loss_scale_factor, empty_sequences="exclude",
-              loss_scale=float(dp_size), entropy_coef=entropy_coeff, beta=kl_loss_coef if use_kl_loss else 0.0,
-              kl_estimator=kl_loss_type)
-    if KL_ALIASES.get(kl_loss_type.rstrip("+")) == "k3":
-        kw.update(kl_log_ratio_clamp=20.0, kl_value_clamp=10.0)
-    objective = {"vanilla": "ppo_clip", "gspo": "ppo_clip", "gpg": "reinforce"}.get(loss_mode, loss_mode)
-    kw["objective"] = objective
-    if loss_mode == "vanilla":
-        kw["dual_clip"] = clip_ratio_c
-    elif loss_mode in ("gspo", "sapo"):  # verl aggregates these two as seq-mean-token-mean whatever the mode
-        kw["loss_agg"] = "seq-mean-token-mean"
-        if loss_mode == "gspo":
-            kw.update(ratio_level="sequence-token", log_ratio_clamp=(None, 10.0))
-        else:
-            kw.update(sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg)
-    elif loss_mode in ("dppo_tv", "dppo_kl"):
-        kw["ratio_cap"] = clip_ratio_c
-    elif loss_mode in ("clip_cov", "kl_cov", "geo_mean", "dro"):
-        kw["log_ratio_clamp"] = None
-        kw.update(cov_fraction=clip_cov_ratio, cov_bounds=(clip_cov_lb, clip_cov_ub), dro_beta=dro_beta)
-        if loss_mode == "kl_cov":
-            kw.update(cov_fraction=kl_cov_ratio, kl_cov_coef=ppo_kl_coef)
-    return kw
-
-
-def openrlhf_ppo(policy_loss_type: str = "ppo", *, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2,
-                 dual_clip=None, token_level_loss: bool = True, kl_coef: float = 0.0, kl_estimator: str = "k1",
-                 unbiased_gradient: bool = False, entropy_coef: float = 0.0, dp_size: int = 1,
-                 batch_num_tokens=None, global_batch_size=None) -> dict:
-    """``policy_loss`` keywords reproducing OpenRLHF 0.11's actor loss (``PolicyLoss`` + the KL loss of
-    ``compute_approx_kl`` and the entropy term, both aggregated per token by ``aggregate_loss``).  The
-    train/rollout correction goes in ``token_weights`` (``rollout_is_weights`` with OpenRLHF's options);
-    for gspo with a correction, pass the rollout log-probs as ``old_logp`` (as OpenRLHF does)."""
-    if policy_loss_type not in ("ppo", "gspo"):
-        raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
-    gspo = policy_loss_type == "gspo"
-    global_counts = batch_num_tokens is not None or global_batch_size is not None
-    kw = dict(objective="ppo_clip", ratio_level="sequence" if gspo else "token",
-              log_ratio_clamp=None if gspo else 20.0, epsilon_low=clip_eps_low, epsilon_high=clip_eps_high,
-              dual_clip=dual_clip, loss_agg="token-mean" if token_level_loss and not gspo else "seq-mean-token-mean",
-              kl_agg="token-mean", entropy_agg="token-mean", num_tokens=batch_num_tokens,
-              num_sequences=global_batch_size, empty_sequences="exclude",
-              loss_scale=float(dp_size) if global_counts else 1.0, beta=kl_coef, kl_estimator=kl_estimator,
-              kl_value_clamp=10.0, kl_gradient="k2_is" if unbiased_gradient else "estimator",
-              entropy_coef=entropy_coef)
-    if kl_estimator == "k3":
-        kw["kl_log_ratio_clamp"] = (-10.0, None)
-    return kw
