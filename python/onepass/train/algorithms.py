@@ -37,8 +37,13 @@ class Algorithm(abc.ABC):
     def setup(self, cfg: Config, model, tokenizer, initial_path: str, teacher_path: Optional[str] = None) -> None:
         """Load what the algorithm needs besides the policy (rewards, reference, teacher)."""
 
+    engine = None                    # set by the trainer with rollout.engine: vllm (a rollout_vllm.VLLMEngine)
+
     def rollout(self, model, tokenizer, texts: list[str], columns: dict[str, list]) -> Rollout:
-        """The step's batch: ``rollout.num_generations`` samples per prompt (offline algorithms override it)."""
+        """The step's batch: ``rollout.num_generations`` samples per prompt, from HF ``generate`` or the vLLM
+        engine (offline algorithms override it)."""
+        if self.engine is not None:
+            return self.engine.generate(model, tokenizer, texts, columns, self.cfg.rollout)
         return generate(model, tokenizer, texts, columns, self.cfg.rollout)
 
     @abc.abstractmethod
@@ -95,18 +100,17 @@ def naive_grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp, ref_
     logits = (hidden @ weight.T + (bias if bias is not None else 0)).float()
     tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     logp, ent = onepass.token_logprobs(logits, tk, temperature=temperature, return_entropy=True, backend="torch")
-    kl = None
+    kl = ref_logp = None
     if ref_hidden is not None:
         with torch.no_grad():
             ref_logits = (ref_hidden @ ref_weight.T + (ref_bias if ref_bias is not None else 0)).float()
         if kl_estimator == "full":
             kl = onepass.divergence(logits, ref_logits, kind=divergence, beta=divergence_beta, alpha=divergence_alpha,
                                     temperature=temperature, targets=tk, backend="torch")
-        else:
+        else:   # the estimator (with the KL options' clamps and gradient) is applied by policy_loss
             ref_logp = onepass.token_logprobs(ref_logits, tk, temperature=temperature, backend="torch")
-            kl = onepass.kl_penalty(logp, ref_logp, estimator=kl_estimator)
-    return onepass.policy_loss(logp, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=ent, beta=beta,
-                               **policy_kw)
+    return onepass.policy_loss(logp, advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp, kl=kl, entropy=ent,
+                               beta=beta, kl_estimator=kl_estimator, **policy_kw)
 
 
 class GRPO(Algorithm):
@@ -126,10 +130,7 @@ class GRPO(Algorithm):
 
     def prepare(self, model, batch: Rollout) -> dict:
         r, metrics = self.score(batch)
-        all_r = self.parallel.gather(r)   # batch-level scales / whitening see every rank's rewards
-        adv = onepass.group_advantages(all_r, group_size=self.cfg.rollout.num_generations,
-                                       estimator=self.cfg.advantage.estimator,
-                                       scale=self.cfg.advantage.scale)[self.parallel.local_slice(len(all_r))]
+        adv = self.advantages(r, batch.completion_mask)
         with torch.no_grad():
             h = completion_hidden(model, batch)
             hd = modeling.head(model)
@@ -137,7 +138,25 @@ class GRPO(Algorithm):
                                                      temperature=self.cfg.rollout.temperature,
                                                      backend=self.cfg.loss.backend)
         batch.extras.update(advantages=adv, old_logp=old_logp)
+        if self.loss_cfg.rollout_correction is not None:
+            batch.extras["token_weights"] = onepass.corrections.rollout_is_weights(
+                old_logp, batch.extras["sampling_logp"], batch.completion_mask, **self.loss_cfg.rollout_correction)
         return metrics
+
+    def advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``onepass.group_advantages`` of this rank's sequences ([N], or [N, C] with token whitening), computed
+        over every rank's rewards (batch-level scales and whitening see the whole batch)."""
+        a = self.cfg.advantage
+        all_r, all_mask = self.parallel.gather(rewards), self.parallel.gather(mask)
+        kw = dict(estimator=a.estimator, scale=a.scale, eps=a.eps, singleton=a.singleton)
+        if a.estimator == "rloo":
+            kw["normalize"] = a.normalize
+        if a.estimator == "opo":
+            kw["lengths"] = all_mask.sum(-1)
+        if a.estimator == "reinforce_pp":
+            kw.update(whiten=a.whiten, variance=a.variance, mask=all_mask if a.whiten == "token" else None)
+        adv = onepass.group_advantages(all_r, group_size=self.cfg.rollout.num_generations, **kw)
+        return adv[self.parallel.local_slice(len(all_r))]
 
     def score(self, batch: Rollout) -> tuple[torch.Tensor, dict]:
         """The task rewards [N] (also stored as ``batch.extras["rewards"]``) and their step metrics."""
@@ -159,7 +178,9 @@ class GRPO(Algorithm):
         kw = dict(mask=micro.completion_mask, old_logp=micro.extras["old_logp"], ref_hidden=ref_h, ref_weight=ref_w,
                   bias=hd.bias, temperature=self.cfg.rollout.temperature, beta=L.beta, kl_estimator=L.kl_estimator,
                   epsilon_low=L.epsilon_low, epsilon_high=L.epsilon_high, dual_clip=L.dual_clip,
-                  loss_agg=L.loss_agg, entropy_coef=L.entropy_coef)
+                  loss_agg=L.loss_agg, entropy_coef=L.entropy_coef, token_weights=micro.extras.get("token_weights"),
+                  sampling_logp=micro.extras.get("sampling_logp") if "off_policy_threshold" in L.options else None,
+                  **L.options)
         div = dict(divergence=L.divergence, divergence_beta=L.divergence_beta, divergence_alpha=L.divergence_alpha)
         if L.impl == "naive":
             return naive_grpo_loss(h, hd.weight, micro.targets, micro.extras["advantages"], ref_bias=ref_b, **kw,

@@ -6,7 +6,8 @@ resolved config is written to ``<output_dir>/config.yaml`` by the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+import importlib.util
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -43,7 +44,9 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"                    # hf (HF generate); vllm is not available yet
+    engine: str = "hf"                    # hf (HF generate) | vllm (colocated vLLM, GPU only: onepass.train.rollout_vllm)
+    vllm_gpu_memory_utilization: float = 0.3   # vllm: the fraction of GPU memory vLLM may take
+    vllm_max_model_len: int = 0           # vllm: max_model_len (0: the model's)
     num_generations: int = 8
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -58,8 +61,13 @@ class RolloutConfig:
 
 @dataclass
 class AdvantageConfig:
-    estimator: str = "grpo"               # grpo | dr_grpo | rloo | reinforce_pp
-    scale: str = "group"                  # group | batch | none (grpo)
+    estimator: str = "grpo"               # grpo | dr_grpo | rloo | reinforce_pp | grpo_passk | opo | gpg
+    scale: str = "group"                  # group | batch | none (grpo, grpo_passk)
+    eps: float = 1e-6                     # added to the std of the GRPO / pass@k / RLOO-normalize denominators
+    singleton: str = "zero"               # a group of one: zero (TRL, OpenRLHF) | verl
+    normalize: bool = False               # rloo: whiten over the batch (TRL RLOO normalize_advantages)
+    whiten: str = "sample"                # reinforce_pp: sample (one value per sequence) | token (verl, OpenRLHF)
+    variance: str = "biased"              # reinforce_pp whitening: biased (OpenRLHF) | unbiased (verl)
 
 
 @dataclass
@@ -76,6 +84,10 @@ class LossConfig:
     dual_clip: Optional[float] = None
     loss_agg: str = "token-mean"
     entropy_coef: float = 0.0
+    options: Dict[str, Any] = field(default_factory=dict)   # any other onepass.grpo_loss keyword: objective,
+                                          # ratio_level, ratio_cap, kl_value_clamp, top_entropy_quantile, ...
+    rollout_correction: Optional[Dict[str, Any]] = None     # vllm engine: token_weights =
+                                          # onepass.corrections.rollout_is_weights(old, vLLM log-probs, mask, **this)
 
 
 @dataclass
@@ -179,7 +191,10 @@ CHOICES = {
     "model.init": (None, "tiny-arith"),
     "data.task": (None, "arith"),
     "rollout.engine": ("hf", "vllm"),
-    "advantage.estimator": ("grpo", "dr_grpo", "rloo", "reinforce_pp"),
+    "advantage.estimator": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "grpo_passk", "opo", "gpg"),
+    "advantage.singleton": ("zero", "verl"),
+    "advantage.whiten": ("sample", "token"),
+    "advantage.variance": ("biased", "unbiased"),
     "advantage.scale": ("group", "batch", "none"),
     "loss.impl": ("fused", "naive"),
     "loss.divergence": DIVERGENCES,
@@ -225,14 +240,59 @@ def validate(cfg: Config) -> Config:
         _validate_distill(cfg)
     elif cfg.loss.beta == 0 and (cfg.reference.path or cfg.reference.soup):
         raise ConfigError("reference.path / reference.soup given but loss.beta is 0: no penalty would use it")
-    if cfg.rollout.engine == "vllm":
-        raise ConfigError("rollout.engine: vllm is not available in this version; use hf")
+    _validate_engine(cfg)
+    _validate_loss_options(cfg)
     for key in ("rollout.prompts_per_generate", "train.mini_batch_size", "train.micro_batch_size"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(f"optim.warmup_steps must be in [0, train.max_steps], got {cfg.optim.warmup_steps}")
     return cfg
+
+
+def _validate_engine(cfg: Config) -> None:
+    r = cfg.rollout
+    if r.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.engine: vllm needs the vllm package (pip install vllm; it runs on GPUs only)")
+        if cfg.parallel != "none":
+            raise ConfigError(f"rollout.engine: vllm runs with parallel: none (one colocated engine), got "
+                              f"parallel: {cfg.parallel}")
+        if cfg.algorithm in FIXED_COMPLETIONS:
+            raise ConfigError(f"rollout.engine: vllm samples completions; {cfg.algorithm} trains on fixed ones")
+        if not 0 < r.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1], got {r.vllm_gpu_memory_utilization}")
+        if r.vllm_max_model_len < 0:
+            raise ConfigError(f"rollout.vllm_max_model_len must be >= 0, got {r.vllm_max_model_len}")
+    elif cfg.loss.rollout_correction is not None:
+        raise ConfigError("loss.rollout_correction needs the rollout engine's own log-probs: rollout.engine: vllm")
+
+
+#: keys of loss.options that the trainer sets itself (normalizers: exact gradient accumulation scales the
+#: micro-batch losses; the rest are loss.* keys of their own).
+TRAINER_OWNED_OPTIONS = ("num_tokens", "num_sequences", "loss_scale", "token_weights", "sampling_logp", "beta",
+                         "kl_estimator", "epsilon_low", "epsilon_high", "dual_clip", "loss_agg", "entropy_coef")
+
+
+def _validate_loss_options(cfg: Config) -> None:
+    """loss.options (and loss.rollout_correction) checked by the functions that take them, on tiny inputs."""
+    import torch
+
+    import onepass
+
+    owned = sorted(set(cfg.loss.options) & set(TRAINER_OWNED_OPTIONS))
+    if owned:
+        raise ConfigError(f"loss.options must not set {owned}: use the loss.* keys (the trainer sets the normalizers)")
+    logp, mask = torch.zeros(2, 3), torch.ones(2, 3)
+    try:
+        onepass.policy_loss(logp, torch.zeros(2), mask=mask, old_logp=logp, entropy=logp, **cfg.loss.options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.options: {e}") from e
+    if cfg.loss.rollout_correction is not None:
+        try:
+            onepass.corrections.rollout_is_weights(logp, logp, mask, **cfg.loss.rollout_correction)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"loss.rollout_correction: {e}") from e
 
 
 def _validate_distill(cfg: Config) -> None:

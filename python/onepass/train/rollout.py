@@ -39,10 +39,13 @@ class Rollout:
 
 
 def concat(parts: list[Rollout], pad_id: int, completion_len: int = 0) -> Rollout:
-    """Rollouts (before ``prepare``: no extras) stacked into one batch: prompts left-padded to the longest,
-    completions right-padded with ``pad_id`` (mask 0) to the longest or to ``completion_len`` if longer."""
-    if any(r.extras for r in parts):
-        raise ValueError("concat: the rollouts must not be prepared yet (extras is not empty)")
+    """Rollouts (before ``prepare``) stacked into one batch: prompts left-padded to the longest, completions
+    right-padded with ``pad_id`` (mask 0) to the longest or to ``completion_len`` if longer; their extras
+    must be per-token [n, C] tensors (the vLLM engine's ``sampling_logp``), right-padded with 0."""
+    keys = set(parts[0].extras)
+    for r in parts:
+        if set(r.extras) != keys or any(x.dim() != 2 or x.shape != r.completion_mask.shape for x in r.extras.values()):
+            raise ValueError("concat: the rollouts' extras must be the same per-token [n, C] tensors (not prepared yet)")
     p = max(r.prompt_len for r in parts)
     c = max([r.completion_mask.shape[1] for r in parts] + [completion_len])
     ids, am, cm = [], [], []
@@ -52,8 +55,9 @@ def concat(parts: list[Rollout], pad_id: int, completion_len: int = 0) -> Rollou
         am.append(F.pad(r.attention_mask, (left, right), value=0))
         cm.append(F.pad(r.completion_mask, (0, right), value=0.0))
     columns = {k: [x for r in parts for x in r.columns[k]] for k in parts[0].columns}
+    extras = {k: torch.cat([F.pad(r.extras[k], (0, c - r.extras[k].shape[1])) for r in parts]) for k in keys}
     return Rollout(torch.cat(ids), torch.cat(am), torch.cat(cm), p, [x for r in parts for x in r.prompts],
-                   [x for r in parts for x in r.completions], columns)
+                   [x for r in parts for x in r.completions], columns, extras)
 
 
 def completion_mask(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:

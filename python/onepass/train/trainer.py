@@ -86,6 +86,10 @@ class Trainer:
         self.algorithm = ALGORITHMS[cfg.algorithm]()
         self.algorithm.parallel = self.parallel
         self.algorithm.setup(cfg, self.model, self.tokenizer, str(self.initial_path), teacher_path)
+        if cfg.rollout.engine == "vllm":
+            from .rollout_vllm import VLLMEngine
+
+            self.algorithm.engine = VLLMEngine(self.initial_path, cfg.rollout, seed=cfg.seed, dtype=cfg.model.dtype)
         self.rows = load_rows(cfg)
         self.texts = [prompt_text(r, cfg.data.prompt_column, self.tokenizer, cfg.data.chat_template) for r in self.rows]
         check_context(self.texts, self.tokenizer, cfg.rollout.max_new_tokens,
@@ -240,6 +244,8 @@ class Trainer:
                     stats[k] += v
                 grad_norms.append(full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)))
                 self.optimizer.step()
+                if self.algorithm.engine is not None:
+                    self.algorithm.engine.policy_updated()
                 self.scheduler.step()
         self.step += 1
         cmask = batch.completion_mask
