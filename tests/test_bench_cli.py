@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from onepass.bench import report
+from onepass.bench.measure import interleave
 from onepass.bench.registry import FLOOR_PROVIDER, cases, families, get_family, providers_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,38 @@ def test_round_ratios(a, b, verdict):
     ratios = sorted(x / y for x, y in zip(a, b))
     assert st["verdict"] == verdict
     assert (st["min"], st["median"], st["max"]) == (ratios[0], ratios[1], ratios[2])
+
+
+class FakeClock:
+    """A clock that only moves when a fake provider "runs": deterministic round lengths."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def provider(self, name, seconds, calls):
+        def sample():
+            calls.append(name)
+            self.now += seconds
+            return seconds * 1e3
+        return sample
+
+
+@pytest.mark.parametrize("rounds,max_rounds,budget_s,expected", [
+    (2, 9, 1.0, 2),     # rounds of 0.375 s: a 3rd would end at 1.125 s > 1.0 (the old "started before 1.0" rule ran it)
+    (2, 9, 1.125, 3),   # ... and with a budget of exactly 1.125 s it runs (binary-exact times)
+    (3, 9, 0.1, 3),     # the minimum rounds run even past the budget
+    (2, 5, 100.0, 5),   # never more than max_rounds
+])
+def test_rounds_are_capped_by_the_time_budget(rounds, max_rounds, budget_s, expected):
+    clock, calls = FakeClock(), []
+    samplers = {"a": clock.provider("a", 0.125, calls), "b": clock.provider("b", 0.25, calls)}
+    times = interleave(samplers, rounds=rounds, max_rounds=max_rounds, budget_s=budget_s, clock=clock)
+    assert times == {"a": [125.0] * expected, "b": [250.0] * expected}
+    assert calls == (["a", "b", "b", "a"] * expected)[: 2 * expected]      # order rotated every round
+    assert clock.now - 100.0 == 0.375 * expected
 
 
 def test_default_run_is_one_shape_per_family_and_full_is_the_sweep():
