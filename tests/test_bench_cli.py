@@ -113,6 +113,18 @@ def test_rounds_are_capped_by_the_time_budget(rounds, max_rounds, budget_s, expe
     assert clock.now - 100.0 == 0.375 * expected
 
 
+def test_progress_eta_is_the_estimated_work_left_at_the_pace_so_far(capsys):
+    clock = FakeClock()
+    with report.progress(100.0) as prog:
+        prog.clock, prog.t0 = clock, clock()
+        assert prog.eta_s() is None
+        clock.now += 10.0
+        prog.advance(25.0)                  # 25 estimated seconds done in 10 s: the machine is 2.5x faster
+        assert prog.eta_s() == 30.0
+        prog.advance(100.0)                 # more than estimated: nothing left
+        assert prog.eta_s() == 0.0
+
+
 def test_default_run_is_one_shape_per_family_and_full_is_the_sweep():
     default = cases("cpu", full=False)
     full = cases("cpu", full=True)

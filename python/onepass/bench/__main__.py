@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="more rounds, up to this many, while they fit in --max-time (default: %(default)s)")
     p.add_argument("--max-time", type=float, default=None,
                    help="time budget of a case's rounds, s: after --rounds, a round starts only when it is "
-                        "expected to end within it (default: 1.5; 0.2 with --quick)")
+                        "expected to end within it (default: 1.5; 3 with --full, 0.2 with --quick)")
     p.add_argument("--repeat", type=int, default=10,
                    help="CUDA: event-timed calls per provider per round, median (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, "
@@ -94,10 +94,21 @@ class Runner:
         self.args, self.device = args, device
         self.cuda = device.startswith("cuda")
         self.isolated = args.isolate == "case" and not self.cuda
-        if self.isolated:
-            from . import _worker
+        self.peers = peers
 
-            _worker.start(peers)
+    def start(self, progress) -> float:
+        """CPU, isolated: start the forkserver and wait until it has imported torch, onepass and the peers (trl
+        and liger-kernel take seconds to import).  Returns the seconds waited."""
+        if not self.isolated:
+            return 0.0
+        from . import _worker
+
+        progress.describe("starting: importing torch, onepass and the peers once (forkserver)")
+        t0 = time.perf_counter()
+        _worker.start(self.peers)
+        _worker.run_isolated(_worker.ready)
+        progress.advance(STARTUP_S)
+        return time.perf_counter() - t0
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) of this process and, when isolated, the forkserver and its jobs: on idle
@@ -153,7 +164,9 @@ class Runner:
 
 
 #: prior seconds of one job on two idle cores, the weights of the progress bar (its ETA rescales them by the
-#: pace measured so far): a memory job (one call per pass in a fresh process), a compile of a peer
+#: pace measured so far): the forkserver's imports, a memory job (one call per pass in a fresh process), a
+#: compile of a peer
+STARTUP_S = 20.0
 MEMORY_JOB_S = 1.0
 COMPILE_S = 10.0
 
@@ -170,7 +183,8 @@ def timing_estimate_s(case, providers: list, max_time: float) -> float:
 
 def estimate_s(groups: list, args, cuda: bool) -> float:
     """Prior seconds of the whole run (the progress bar's total)."""
-    return sum(MEMORY_JOB_S * len(memory_jobs(ps, cuda)) + sum(timing_estimate_s(c, ps, args.max_time) for c in g)
+    startup = STARTUP_S if args.isolate == "case" and not cuda else 0.0
+    return startup + sum(MEMORY_JOB_S * len(memory_jobs(ps, cuda)) + sum(timing_estimate_s(c, ps, args.max_time) for c in g)
                for g, ps in groups)
 
 
@@ -218,7 +232,7 @@ def main(argv=None) -> int:
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
     if args.max_time is None:
-        args.max_time = 0.2 if args.quick else 1.5
+        args.max_time = 0.2 if args.quick else (3.0 if args.full else 1.5)
     if args.quick and not cuda:
         torch.set_num_threads(1)    # tiny shapes: threads only add contention on a busy machine
     args.isolate = args.isolate or ("none" if (args.quick or cuda) else "case")
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
     runner = Runner(args, device, sorted(used))
     rows = []
     with report.progress(estimate_s(groups, args, cuda)) as prog:
+        meta["startup_s"] = runner.start(prog)
         for group, providers in groups:
             rows += run_group(runner, group, providers, prog)
     if cuda:

@@ -267,7 +267,8 @@ def header_lines(meta: dict) -> list:
         f"CPU: {meta['cpu_model']} ({meta['cpu_count']} cores, torch threads {meta['torch_threads']}); load average "
         f"{meta['load_average_start'][0]:.1f} at start"
         + (f", {meta['load_average_end'][0]:.1f} at end" if meta.get("load_average_end") else "")
-        + (f"; {meta['elapsed_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU" if meta.get("elapsed_s") else ""),
+        + (f"; {meta['elapsed_s']:.0f} s wall ({meta.get('startup_s', 0):.0f} s of it imports), {meta['cpu_s']:.0f} s "
+           "CPU" if meta.get("elapsed_s") else ""),
         f"onepass backend: {meta['args'].get('backend')} (available: {', '.join(meta['onepass_backends'])}); peers: "
         + ", ".join(f"{k} {v}" for k, v in (("liger-kernel", meta.get("liger_kernel")), ("trl", meta.get("trl")),
                                             ("pot", meta.get("pot")), ("cce", meta.get("cut_cross_entropy"))) if v),
