@@ -11,7 +11,7 @@ import pytest
 
 from onepass.bench import report
 from onepass.bench.measure import interleave
-from onepass.bench.registry import FLOOR_PROVIDER, cases, families, get_family, providers_for
+from onepass.bench.registry import FLOOR_PROVIDER, cases, families, get_family, providers_for, runs_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,12 @@ def test_default_run_is_one_shape_per_family_and_full_is_the_sweep():
     # --quick drops the peers that compile; the default CPU run compiles naive only where the family asks
     fam = get_family("linear_logprobs")
     assert "torch.compile(naive)" not in providers_for(fam, "cpu", quick=True)
-    assert ("torch.compile(naive)" in providers_for(fam, "cpu", full=False)) == fam.compile_default
+    assert ("torch.compile(naive)" in providers_for(fam, "cpu", full=False)) == bool(fam.compile_default)
+    # ... and only in the passes it lists; --full (default_cpu=False) compiles in every pass
+    for pass_ in fam.passes:
+        assert runs_in("torch.compile(naive)", pass_, fam, default_cpu=True) == (pass_ in fam.compile_default)
+        assert runs_in("torch.compile(naive)", pass_, fam)
+    assert fam.compile_default == ("fwd+bwd",)
     assert "torch.compile(naive)" not in providers_for(get_family("logprobs"), "cpu", full=False)
 
 

@@ -177,21 +177,28 @@ def memory_jobs(providers: list, cuda: bool) -> list:
     return [p for p in providers if cuda or not compiles(p)]
 
 
-def timing_estimate_s(case, providers: list, max_time: float) -> float:
-    return max_time + COMPILE_S * sum(compiles(p) for p in providers if runs_in(p, case.pass_))
+def measured(case, providers: list, args, cuda: bool) -> list:
+    """The providers measured in ``case``'s pass."""
+    fam = get_family(case.family)
+    return [p for p in providers if runs_in(p, case.pass_, fam, default_cpu=not (cuda or args.full or args.quick))]
+
+
+def timing_estimate_s(providers: list, max_time: float) -> float:
+    """Prior seconds of the timing job of a case measuring ``providers``."""
+    return max_time + COMPILE_S * sum(compiles(p) for p in providers)
 
 
 def estimate_s(groups: list, args, cuda: bool) -> float:
     """Prior seconds of the whole run (the progress bar's total)."""
     startup = STARTUP_S if args.isolate == "case" and not cuda else 0.0
-    return startup + sum(MEMORY_JOB_S * len(memory_jobs(ps, cuda)) + sum(timing_estimate_s(c, ps, args.max_time) for c in g)
+    return startup + sum(MEMORY_JOB_S * len(memory_jobs(ps, cuda)) + sum(timing_estimate_s(measured(c, ps, args, cuda), args.max_time) for c in g)
                for g, ps in groups)
 
 
 def run_group(runner: Runner, group, providers: list, progress) -> list:
     """Rows of one case group: peak memory per provider (isolated), then the interleaved timing per pass.
     Every row records the wall and CPU seconds of its jobs (``memory_job_s``, ``timing_job_s``, ``*_cpu_s``)."""
-    runs = {c.id: [p for p in providers if runs_in(p, c.pass_)] for c in group}
+    runs = {c.id: measured(c, providers, runner.args, runner.cuda) for c in group}
     rows = {(c.id, p): base_row(c, p) for c in group for p in runs[c.id]}
     for p in memory_jobs(providers, runner.cuda):
         mine = [c for c in group if p in runs[c.id]]
@@ -216,7 +223,7 @@ def run_group(runner: Runner, group, providers: list, progress) -> list:
                 row.setdefault("error", t["error"])
             else:
                 row["times_ms"] = t
-        progress.advance(timing_estimate_s(c, providers, runner.args.max_time))
+        progress.advance(timing_estimate_s(runs[c.id], runner.args.max_time))
     for row in rows.values():
         if "peak_extra_bytes" in row:
             row["peak_extra_mib"] = row["peak_extra_bytes"] / MiB
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
     if args.list:
         for group, providers in groups:
             for c in group:
-                print(c.id, "->", ", ".join(providers))
+                print(c.id, "->", ", ".join(measured(c, providers, args, cuda)))
         return 0
     peers = peer_status("cuda" if cuda else "cpu")
     used = {p for _, ps in groups for p in ps}
