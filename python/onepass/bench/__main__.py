@@ -171,10 +171,10 @@ MEMORY_JOB_S = 1.0
 COMPILE_S = 10.0
 
 
-def memory_jobs(providers: list, cuda: bool) -> list:
-    """The providers whose peak memory is measured in a job of their own (on the CPU, compiling peers are
-    measured by the timing job, right after their compile)."""
-    return [p for p in providers if cuda or not compiles(p)]
+def memory_jobs(runs: dict, cuda: bool) -> list:
+    """The providers of a case group (``runs``: {case id: providers measured}) whose peak memory is measured in a
+    job of their own (on the CPU, compiling peers are measured by the timing job, right after their compile)."""
+    return [p for p in dict.fromkeys(p for ps in runs.values() for p in ps) if cuda or not compiles(p)]
 
 
 def measured(case, providers: list, args, cuda: bool) -> list:
@@ -190,9 +190,12 @@ def timing_estimate_s(providers: list, max_time: float) -> float:
 
 def estimate_s(groups: list, args, cuda: bool) -> float:
     """Prior seconds of the whole run (the progress bar's total)."""
-    startup = STARTUP_S if args.isolate == "case" and not cuda else 0.0
-    return startup + sum(MEMORY_JOB_S * len(memory_jobs(ps, cuda)) + sum(timing_estimate_s(measured(c, ps, args, cuda), args.max_time) for c in g)
-               for g, ps in groups)
+    total = STARTUP_S if args.isolate == "case" and not cuda else 0.0
+    for group, providers in groups:
+        runs = {c.id: measured(c, providers, args, cuda) for c in group}
+        total += MEMORY_JOB_S * len(memory_jobs(runs, cuda))
+        total += sum(timing_estimate_s(ps, args.max_time) for ps in runs.values())
+    return total
 
 
 def run_group(runner: Runner, group, providers: list, progress) -> list:
@@ -200,7 +203,7 @@ def run_group(runner: Runner, group, providers: list, progress) -> list:
     Every row records the wall and CPU seconds of its jobs (``memory_job_s``, ``timing_job_s``, ``*_cpu_s``)."""
     runs = {c.id: measured(c, providers, runner.args, runner.cuda) for c in group}
     rows = {(c.id, p): base_row(c, p) for c in group for p in runs[c.id]}
-    for p in memory_jobs(providers, runner.cuda):
+    for p in memory_jobs(runs, runner.cuda):
         mine = [c for c in group if p in runs[c.id]]
         progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
         t0, cpu0 = time.perf_counter(), runner.cpu_seconds()
