@@ -478,13 +478,20 @@ def _bars(ax, rows: list) -> None:
 
 
 def _plain_log_ticks(ax) -> None:
-    """Tick labels of a log y axis as plain numbers (0.5, 2, 1e-05), minor ones too within one decade."""
+    """Tick labels of a log y axis as plain numbers (0.5, 2, 1e-05); minor ones too: all of them within one
+    decade, those at 2 and 5 within two decades (else a decade's ticks can leave an axis with one label)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     lo, hi = ax.get_ylim()
     plain = FuncFormatter(lambda y, _: f"{y:g}")
+
+    def two_five(y, _):
+        lead = round(y / 10 ** math.floor(math.log10(y))) if y > 0 else 0
+        return f"{y:g}" if lead in (2, 5) else ""
+
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else FuncFormatter(two_five) if hi / lo < 100
+                                 else NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=6.5)
 
 
