@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from onepass.bench import report
-from onepass.bench.registry import FLOOR_PROVIDER, cases, families, get_family, providers_for
+from onepass.bench.measure import interleave
+from onepass.bench.registry import FLOOR_PROVIDER, cases, families, get_family, providers_for, runs_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,50 @@ def test_round_ratios(a, b, verdict):
     assert (st["min"], st["median"], st["max"]) == (ratios[0], ratios[1], ratios[2])
 
 
+class FakeClock:
+    """A clock that only moves when a fake provider "runs": deterministic round lengths."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def provider(self, name, seconds, calls):
+        def sample():
+            calls.append(name)
+            self.now += seconds
+            return seconds * 1e3
+        return sample
+
+
+@pytest.mark.parametrize("rounds,max_rounds,budget_s,expected", [
+    (2, 9, 1.0, 2),     # rounds of 0.375 s: a 3rd would end at 1.125 s > 1.0 (the old "started before 1.0" rule ran it)
+    (2, 9, 1.125, 3),   # ... and with a budget of exactly 1.125 s it runs (binary-exact times)
+    (3, 9, 0.1, 3),     # the minimum rounds run even past the budget
+    (2, 5, 100.0, 5),   # never more than max_rounds
+])
+def test_rounds_are_capped_by_the_time_budget(rounds, max_rounds, budget_s, expected):
+    clock, calls = FakeClock(), []
+    samplers = {"a": clock.provider("a", 0.125, calls), "b": clock.provider("b", 0.25, calls)}
+    times = interleave(samplers, rounds=rounds, max_rounds=max_rounds, budget_s=budget_s, clock=clock)
+    assert times == {"a": [125.0] * expected, "b": [250.0] * expected}
+    assert calls == (["a", "b", "b", "a"] * expected)[: 2 * expected]      # order rotated every round
+    assert clock.now - 100.0 == 0.375 * expected
+
+
+def test_progress_eta_is_the_estimated_work_left_at_the_pace_so_far(capsys):
+    clock = FakeClock()
+    with report.progress(100.0) as prog:
+        prog.clock, prog.t0 = clock, clock()
+        assert prog.eta_s() is None
+        clock.now += 10.0
+        prog.advance(25.0)                  # 25 estimated seconds done in 10 s: the machine is 2.5x faster
+        assert prog.eta_s() == 30.0
+        prog.advance(100.0)                 # more than estimated: nothing left
+        assert prog.eta_s() == 0.0
+
+
 def test_default_run_is_one_shape_per_family_and_full_is_the_sweep():
     default = cases("cpu", full=False)
     full = cases("cpu", full=True)
@@ -91,7 +136,12 @@ def test_default_run_is_one_shape_per_family_and_full_is_the_sweep():
     # --quick drops the peers that compile; the default CPU run compiles naive only where the family asks
     fam = get_family("linear_logprobs")
     assert "torch.compile(naive)" not in providers_for(fam, "cpu", quick=True)
-    assert ("torch.compile(naive)" in providers_for(fam, "cpu", full=False)) == fam.compile_default
+    assert ("torch.compile(naive)" in providers_for(fam, "cpu", full=False)) == bool(fam.compile_default)
+    # ... and only in the passes it lists; --full (default_cpu=False) compiles in every pass
+    for pass_ in fam.passes:
+        assert runs_in("torch.compile(naive)", pass_, fam, default_cpu=True) == (pass_ in fam.compile_default)
+        assert runs_in("torch.compile(naive)", pass_, fam)
+    assert fam.compile_default == ("fwd+bwd",)
     assert "torch.compile(naive)" not in providers_for(get_family("logprobs"), "cpu", full=False)
 
 

@@ -62,7 +62,8 @@ Adding a family
 Measurement (``measure.py``, ``_worker.py``)
     The providers of one case are timed interleaved (round r calls each once, order rotated by r) after an
     untimed warm-up (at the real shape for peers that compile); at least ``--rounds`` (3) rounds, more up to
-    ``--max-rounds`` (9) while under ``--max-time`` (3 s).  Ratios are medians of per-round ratios with
+    ``--max-rounds`` (9) while the next is expected to end within the case's budget ``--max-time`` (1.5 s;
+    3 s with ``--full``).  Ratios are medians of per-round ratios with
     min-max; "unresolved" when that range crosses 1.  CPU time: ``time.perf_counter``; CPU peak extra memory:
     Linux RSS high-water mark (garbage collected, ``malloc_trim(0)``, ``/proc/self/clear_refs`` reset of VmHWM,
     baseline VmRSS with the inputs resident, VmHWM after the call minus the baseline), each (case, provider)

@@ -48,11 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="minimum interleaved rounds per case (default: 3; 2 with --quick)")
     p.add_argument("--max-rounds", type=int, default=9,
-                   help="more rounds, up to this many, while a case's rounds took under --max-time "
-                        "(default: %(default)s)")
+                   help="more rounds, up to this many, while they fit in --max-time (default: %(default)s)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="seconds of rounds per case after which no extra round starts (default: 3; 0.2 with "
-                        "--quick)")
+                   help="time budget of a case's rounds, s: after --rounds, a round starts only when it is "
+                        "expected to end within it (default: 1.5; 3 with --full, 0.2 with --quick)")
     p.add_argument("--repeat", type=int, default=10,
                    help="CUDA: event-timed calls per provider per round, median (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU, "
@@ -95,10 +94,21 @@ class Runner:
         self.args, self.device = args, device
         self.cuda = device.startswith("cuda")
         self.isolated = args.isolate == "case" and not self.cuda
-        if self.isolated:
-            from . import _worker
+        self.peers = peers
 
-            _worker.start(peers)
+    def start(self, progress) -> float:
+        """CPU, isolated: start the forkserver and wait until it has imported torch, onepass and the peers (trl
+        and liger-kernel take seconds to import).  Returns the seconds waited."""
+        if not self.isolated:
+            return 0.0
+        from . import _worker
+
+        progress.describe("starting: importing torch, onepass and the peers once (forkserver)")
+        t0 = time.perf_counter()
+        _worker.start(self.peers)
+        _worker.run_isolated(_worker.ready)
+        progress.advance(STARTUP_S)
+        return time.perf_counter() - t0
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) of this process and, when isolated, the forkserver and its jobs: on idle
@@ -153,31 +163,70 @@ class Runner:
         return res
 
 
+#: prior seconds of one job on two idle cores, the weights of the progress bar (its ETA rescales them by the
+#: pace measured so far): the forkserver's imports, a memory job (one call per pass in a fresh process), a
+#: compile of a peer
+STARTUP_S = 20.0
+MEMORY_JOB_S = 1.0
+COMPILE_S = 10.0
+
+
+def memory_jobs(runs: dict, cuda: bool) -> list:
+    """The providers of a case group (``runs``: {case id: providers measured}) whose peak memory is measured in a
+    job of their own (on the CPU, compiling peers are measured by the timing job, right after their compile)."""
+    return [p for p in dict.fromkeys(p for ps in runs.values() for p in ps) if cuda or not compiles(p)]
+
+
+def measured(case, providers: list, args, cuda: bool) -> list:
+    """The providers measured in ``case``'s pass."""
+    fam = get_family(case.family)
+    return [p for p in providers if runs_in(p, case.pass_, fam, default_cpu=not (cuda or args.full or args.quick))]
+
+
+def timing_estimate_s(providers: list, max_time: float) -> float:
+    """Prior seconds of the timing job of a case measuring ``providers``."""
+    return max_time + COMPILE_S * sum(compiles(p) for p in providers)
+
+
+def estimate_s(groups: list, args, cuda: bool) -> float:
+    """Prior seconds of the whole run (the progress bar's total)."""
+    total = STARTUP_S if args.isolate == "case" and not cuda else 0.0
+    for group, providers in groups:
+        runs = {c.id: measured(c, providers, args, cuda) for c in group}
+        total += MEMORY_JOB_S * len(memory_jobs(runs, cuda))
+        total += sum(timing_estimate_s(ps, args.max_time) for ps in runs.values())
+    return total
+
+
 def run_group(runner: Runner, group, providers: list, progress) -> list:
-    """Rows of one case group: peak memory per provider (isolated), then the interleaved timing per pass."""
-    runs = {c.id: [p for p in providers if runs_in(p, c.pass_)] for c in group}
+    """Rows of one case group: peak memory per provider (isolated), then the interleaved timing per pass.
+    Every row records the wall and CPU seconds of its jobs (``memory_job_s``, ``timing_job_s``, ``*_cpu_s``)."""
+    runs = {c.id: measured(c, providers, runner.args, runner.cuda) for c in group}
     rows = {(c.id, p): base_row(c, p) for c in group for p in runs[c.id]}
-    for p in providers:
-        if runner.cuda or not compiles(p):      # on the CPU, compiling peers are measured by the timing job
-            mine = [c for c in group if p in runs[c.id]]
-            progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
-            for c, res in zip(mine, runner.memory(mine, p)):
-                rows[(c.id, p)].update(res)
-        progress.advance()
+    for p in memory_jobs(runs, runner.cuda):
+        mine = [c for c in group if p in runs[c.id]]
+        progress.describe(f"{group[0].family} {group[0].shape_label}: memory of {p}")
+        t0, cpu0 = time.perf_counter(), runner.cpu_seconds()
+        results = runner.memory(mine, p)
+        spent = {"memory_job_s": time.perf_counter() - t0, "memory_job_cpu_s": runner.cpu_seconds() - cpu0}
+        for c, res in zip(mine, results):
+            rows[(c.id, p)].update(res, **spent)
+        progress.advance(MEMORY_JOB_S)
     for c in group:
         progress.describe(f"{c.family} {c.shape_label} {c.pass_}: timing {len(runs[c.id])} providers interleaved")
-        load_before = os.getloadavg()[0]
+        load_before, t0, cpu0 = os.getloadavg()[0], time.perf_counter(), runner.cpu_seconds()
         timing = runner.timing(c, runs[c.id])
-        load_after = os.getloadavg()[0]
+        spent = {"load_before": load_before, "load_after": os.getloadavg()[0],
+                 "timing_job_s": time.perf_counter() - t0, "timing_job_cpu_s": runner.cpu_seconds() - cpu0}
         for p in runs[c.id]:
             row = rows[(c.id, p)]
-            row.update(load_before=load_before, load_after=load_after, **timing["memory"].get(p, {}))
+            row.update(**spent, **timing["memory"].get(p, {}))
             t = timing["times"].get(p, {"error": "not timed"})
             if isinstance(t, dict):
                 row.setdefault("error", t["error"])
             else:
                 row["times_ms"] = t
-        progress.advance()
+        progress.advance(timing_estimate_s(runs[c.id], runner.args.max_time))
     for row in rows.values():
         if "peak_extra_bytes" in row:
             row["peak_extra_mib"] = row["peak_extra_bytes"] / MiB
@@ -193,7 +242,7 @@ def main(argv=None) -> int:
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
     if args.max_time is None:
-        args.max_time = 0.2 if args.quick else 3.0
+        args.max_time = 0.2 if args.quick else (3.0 if args.full else 1.5)
     if args.quick and not cuda:
         torch.set_num_threads(1)    # tiny shapes: threads only add contention on a busy machine
     args.isolate = args.isolate or ("none" if (args.quick or cuda) else "case")
@@ -207,7 +256,7 @@ def main(argv=None) -> int:
     if args.list:
         for group, providers in groups:
             for c in group:
-                print(c.id, "->", ", ".join(providers))
+                print(c.id, "->", ", ".join(measured(c, providers, args, cuda)))
         return 0
     peers = peer_status("cuda" if cuda else "cpu")
     used = {p for _, ps in groups for p in ps}
@@ -227,7 +276,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     runner = Runner(args, device, sorted(used))
     rows = []
-    with report.progress(sum(len(ps) + len(g) for g, ps in groups)) as prog:
+    with report.progress(estimate_s(groups, args, cuda)) as prog:
+        meta["startup_s"] = runner.start(prog)
         for group, providers in groups:
             rows += run_group(runner, group, providers, prog)
     if cuda:

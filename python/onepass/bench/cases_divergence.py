@@ -49,7 +49,7 @@ FAMILIES = [family(
     shapes={"cpu": [{"N": 4096, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "V": v} for v in QUICK_VOCABS]},
-    default={"cpu": {"N": 512, "V": 32000}, "cuda": {"N": 16384, "V": 151936}},
+    default={"cpu": {"N": 128, "V": 32000}, "cuda": {"N": 16384, "V": 151936}},
     variants=[{"kind": "reverse_kl"}, {"kind": "jsd"}],
     order=30,
     grad_inputs=("student",), floor=floor,

@@ -67,7 +67,8 @@ FAMILIES = [family(
     shapes={"cpu": [{"B": 8, "T": 512, "D": 1024, "V": 32000}],
             "cuda": [{"B": 16, "T": 1024, "D": 4096, "V": v} for v in (32000, 151936)],
             "quick": [{"B": 2, "T": 16, "D": 32, "V": v} for v in (256, 512)]},
-    default={"cpu": {"B": 2, "T": 256, "D": 512, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
+    default={"cpu": {"B": 1, "T": 128, "D": 512, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
     order=60, grad_inputs=("hidden", "weight"), floor=floor, passes=("fwd+bwd",),
-    notes={"liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(loss_type='bnpo', same β, ε, ref and old log-probs)"},
+    notes={"liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(loss_type='bnpo', same β, ε, ref "
+                            "and old log-probs)"},
 )]

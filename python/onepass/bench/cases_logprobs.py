@@ -61,7 +61,7 @@ FAMILIES = [family(
     shapes={"cpu": [{"N": 4096, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "V": v} for v in QUICK_VOCABS]},
-    default={"cpu": {"N": 1024, "V": 32000}, "cuda": {"N": 16384, "V": 151936}},
+    default={"cpu": {"N": 256, "V": 32000}, "cuda": {"N": 16384, "V": 151936}},
     order=10,
     grad_inputs=("logits",), floor=floor,
     notes={"liger": "LigerCrossEntropyLoss(reduction='none'): -logp only, no entropy",

@@ -55,7 +55,7 @@ FAMILIES = [family(
     shapes={"cpu": [{"B": 4, "T": 256, "D": 1024, "V": 32000}],
             "cuda": [{"B": 16, "T": 1024, "D": 4096, "V": v} for v in (32000, 151936)],
             "quick": [{"B": 2, "T": 16, "D": 32, "V": v} for v in (256, 512)]},
-    default={"cpu": {"B": 2, "T": 256, "D": 512, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
+    default={"cpu": {"B": 1, "T": 128, "D": 256, "V": 32000}, "cuda": {"B": 16, "T": 1024, "D": 4096, "V": 151936}},
     order=70, grad_inputs=("hidden", "weight"), passes=("fwd+bwd",), floor=floor,
     notes={"liger-chunked": "liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (soft loss only, beta=1: reverse "
                             "KL), masked tokens as ignored targets"},

@@ -42,7 +42,7 @@ FAMILIES = [family(
     shapes={"cpu": [{"N": 1024, "D": 256, "V": v} for v in CPU_VOCABS],
             "cuda": [{"N": 16384, "D": 4096, "V": v} for v in CUDA_VOCABS],
             "quick": [{"N": 64, "D": 32, "V": v} for v in QUICK_VOCABS]},
-    default={"cpu": {"N": 512, "D": 256, "V": 32000}, "cuda": {"N": 16384, "D": 4096, "V": 151936}},
+    default={"cpu": {"N": 128, "D": 256, "V": 32000}, "cuda": {"N": 16384, "D": 4096, "V": 151936}},
     order=50,
     grad_inputs=("hidden", "weight"), floor=floor,
 )]

@@ -47,7 +47,7 @@ FAMILIES = [family(
                                                    (256, 151936))],
             "cuda": [{"G": g, "V": v} for g in (64, 256, 1024) for v in (32000, 151936)],
             "quick": [{"G": 8, "V": v} for v in (256, 512)]},
-    default={"cpu": {"G": 128, "V": 32000}, "cuda": {"G": 1024, "V": 151936}},
+    default={"cpu": {"G": 64, "V": 32000}, "cuda": {"G": 1024, "V": 151936}},
     order=80, grad_inputs=("student", "teacher"),
     notes={"pot": "ot.bregman.sinkhorn_log on the naive cdist cost (same ε, 20 iterations)"},
 )]

@@ -23,6 +23,7 @@ The "floor" provider runs the family's CPU floor GEMMs (``Floor.cpu_gemms``) wit
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import statistics
 import time
@@ -245,8 +246,9 @@ def time_interleaved(case: Case, providers, *, device: str = "cpu", rounds: int 
                      max_time: float = 4.0, repeat: int = 5, seed: int = 0) -> dict:
     """Per-round times (ms) of every provider of one case, interleaved: each round calls every provider once,
     in an order rotated by one per round (A B C, B C A, ...), so that a load change hits all of them.
-    At least ``rounds`` rounds; more, up to ``max_rounds``, while the rounds so far took under ``max_time``
-    seconds.  On CUDA one sample is the median of ``repeat`` event-timed calls (``time_cuda``).
+    At least ``rounds`` rounds; more, up to ``max_rounds``, while the next one is expected to end within
+    ``max_time`` seconds of the rounds' start (``interleave``).  On CUDA one sample is the median of
+    ``repeat`` event-timed calls (``time_cuda``).
 
     On the CPU the providers that compile are set up first, and their peak memory is measured right after
     their compile (warm-up at the real shape), before any other provider makes a real-shape call: as in a
@@ -264,14 +266,27 @@ def time_interleaved(case: Case, providers, *, device: str = "cpu", rounds: int 
         except Exception as exc:  # reported as that provider's error; the others still run
             calls.pop(p, None)
             errors[p] = error_text(exc)
-    order = [p for p in providers if p in calls]
-    times = {p: [] for p in order}
-    t_start, r = time.perf_counter(), 0
-    while order and (r < rounds or (r < max_rounds and time.perf_counter() - t_start < max_time)):
-        for p in order[r % len(order):] + order[: r % len(order)]:
-            times[p].append(_sample(calls[p], device, repeat))
-        r += 1
+    samplers = {p: functools.partial(_sample, calls[p], device, repeat) for p in providers if p in calls}
+    times = interleave(samplers, rounds=rounds, max_rounds=max_rounds, budget_s=max_time)
     return {"times": {**times, **{p: {"error": e} for p, e in errors.items()}}, "memory": memory}
+
+
+def interleave(samplers: dict, *, rounds: int, max_rounds: int, budget_s: float, clock=time.perf_counter) -> dict:
+    """Interleaved rounds of ``samplers`` ({provider: () -> ms}): round r calls each once, in an order rotated
+    by r (A B C, B C A, ...).  At least ``rounds`` rounds; after them a round starts only when it is expected
+    to end within ``budget_s`` seconds of the first round's start (expected length: the mean of the rounds so
+    far), and never more than ``max_rounds``.  Returns {provider: [ms per round]}."""
+    order = list(samplers)
+    times = {p: [] for p in order}
+    t_start, r = clock(), 0
+    while order and r < max_rounds:
+        elapsed = clock() - t_start
+        if r >= rounds and elapsed * (r + 1) / r > budget_s:
+            break
+        for p in order[r % len(order):] + order[: r % len(order)]:
+            times[p].append(samplers[p]())
+        r += 1
+    return times
 
 
 def _sample(call: Call, device: str, repeat: int) -> float:

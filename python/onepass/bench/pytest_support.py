@@ -27,7 +27,9 @@ def params(family: str):
     out = []
     fam = get_family(family)
     for c in cases(dev, quick=quick, names=[family], dtype=os.environ.get("ONEPASS_BENCH_DTYPE"), full=False):
-        for provider in [p for p in providers_for(fam, dev, quick=quick, full=False) if runs_in(p, c.pass_)]:
+        default_cpu = not (quick or dev.startswith("cuda"))
+        for provider in [p for p in providers_for(fam, dev, quick=quick, full=False)
+                         if runs_in(p, c.pass_, fam, default_cpu=default_cpu)]:
             cid = "-".join([c.op_label, c.shape_label.replace(" ", ","), c.dtype, c.pass_, provider])
             out.append(pytest.param(c, provider, id=cid))
     return out

@@ -49,6 +49,7 @@ PEERS = {
     "pot": Peer("ot"),
 }
 PEER_PROVIDERS = tuple(PEERS)
+COMPILED_NAIVE = "torch.compile(naive)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,8 @@ class Family:
     notes: {provider: text} shown under the table (e.g. "logp only, no entropy").
     default: {"cpu": shape, "cuda": shape}: the one representative shape of the default run (``--full`` runs
         ``shapes``); without it the default run takes the first shape of ``shapes`` for the device.
-    compile_default: whether the default CPU run includes "torch.compile(naive)" (compiling costs 10-30 s
-        per case on two cores); ``--full`` and CUDA always include it.
+    compile_default: the passes in which the default CPU run includes "torch.compile(naive)" (compiling costs
+        10-25 s per case on two cores); ``--full`` and CUDA include it in every pass.
     """
     name: str
     op: str
@@ -111,7 +112,7 @@ class Family:
     notes: dict = dataclasses.field(default_factory=dict)
     order: int = 100          # position in the default listing (then by name)
     default: dict = dataclasses.field(default_factory=dict)
-    compile_default: bool = False
+    compile_default: tuple = ()
 
     def shapes_for(self, key: str, full: bool) -> list:
         """Shapes of device key "cpu" / "cuda" / "quick": the sweep (``full`` or quick) or the one default."""
@@ -307,10 +308,15 @@ def compiles(provider: str) -> bool:
     return bool(peer and peer.compiles)
 
 
-def runs_in(provider: str, pass_: str) -> bool:
-    """Whether ``provider`` is measured in ``pass_`` (a peer may be limited to some passes)."""
+def runs_in(provider: str, pass_: str, fam: Optional[Family] = None, *, default_cpu: bool = False) -> bool:
+    """Whether ``provider`` is measured in ``pass_``: a peer may be limited to some passes, and in the default CPU
+    run (``default_cpu``) "torch.compile(naive)" only runs in the passes of ``fam.compile_default``."""
     peer = PEERS.get(provider)
-    return peer is None or pass_ in peer.passes
+    if peer is None:
+        return True
+    if default_cpu and fam is not None and provider == COMPILED_NAIVE and pass_ not in fam.compile_default:
+        return False
+    return pass_ in peer.passes
 
 
 # ------------------------------------------------------------------------------------------------

@@ -267,7 +267,8 @@ def header_lines(meta: dict) -> list:
         f"CPU: {meta['cpu_model']} ({meta['cpu_count']} cores, torch threads {meta['torch_threads']}); load average "
         f"{meta['load_average_start'][0]:.1f} at start"
         + (f", {meta['load_average_end'][0]:.1f} at end" if meta.get("load_average_end") else "")
-        + (f"; {meta['elapsed_s']:.0f} s wall, {meta['cpu_s']:.0f} s CPU" if meta.get("elapsed_s") else ""),
+        + (f"; {meta['elapsed_s']:.0f} s wall ({meta.get('startup_s', 0):.0f} s of it imports), {meta['cpu_s']:.0f} s "
+           "CPU" if meta.get("elapsed_s") else ""),
         f"onepass backend: {meta['args'].get('backend')} (available: {', '.join(meta['onepass_backends'])}); peers: "
         + ", ".join(f"{k} {v}" for k, v in (("liger-kernel", meta.get("liger_kernel")), ("trl", meta.get("trl")),
                                             ("pot", meta.get("pot")), ("cce", meta.get("cut_cross_entropy"))) if v),
@@ -352,18 +353,20 @@ def write_markdown(path: str, rows: list, vds: list, meta: dict) -> None:
 # Progress bar
 # ------------------------------------------------------------------------------------------------
 class progress:
-    """``with progress(total) as p``: a rich progress bar with ETA on stderr (plain lines without rich);
-    ``p.describe(text)`` says what runs, ``p.advance()`` counts a finished job, ``p.log(text)`` prints above."""
+    """``with progress(total) as p``: a rich progress bar with ETA on stderr (plain lines without rich).
+    ``total`` and ``p.advance(amount)`` are in estimated seconds of work (the jobs' priors): the ETA is the work
+    left divided by the pace measured so far.  ``p.describe(text)`` says what runs, ``p.log(text)`` prints
+    above the bar."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: float):
         import time
 
-        self.total, self.done, self.clock, self.t0 = total, 0, time.perf_counter, time.perf_counter()
+        self.total, self.done, self.clock, self.t0 = total, 0.0, time.perf_counter, time.perf_counter()
 
     def __enter__(self):
         try:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
         except ImportError:
             self.bar = None
@@ -372,7 +375,8 @@ class progress:
             self.bar = None
             return self
         self.bar = Progress(TextColumn("{task.description}", style="bold"), BarColumn(bar_width=24),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            TaskProgressColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(elapsed_when_finished=True),
                             console=Console(stderr=True, width=WIDTH), transient=False)
         self.bar.__enter__()
         self.task = self.bar.add_task("starting", total=self.total)
@@ -383,17 +387,24 @@ class progress:
             self.bar.__exit__(*exc)
         return False
 
+    def eta_s(self) -> float | None:
+        """Seconds left at the pace so far (None before any work is done)."""
+        if self.done <= 0:
+            return None
+        return max(0.0, self.total - self.done) * (self.clock() - self.t0) / self.done
+
     def describe(self, text: str) -> None:
         if self.bar is None:
-            print(f"  [{self.clock() - self.t0:5.0f} s, {self.done}/{self.total}] {text}", file=sys.stderr,
-                  flush=True)
+            eta = self.eta_s()
+            print(f"  [{self.clock() - self.t0:4.0f} s, {100 * self.done / self.total:3.0f}%, ETA "
+                  f"{'?' if eta is None else f'{eta:.0f} s'}] {text}", file=sys.stderr, flush=True)
         else:
             self.bar.update(self.task, description=text[:60])
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, amount: float) -> None:
+        self.done += amount
         if self.bar is not None:
-            self.bar.advance(self.task)
+            self.bar.advance(self.task, amount)
 
     def log(self, text: str) -> None:
         if self.bar is None:
@@ -467,13 +478,20 @@ def _bars(ax, rows: list) -> None:
 
 
 def _plain_log_ticks(ax) -> None:
-    """Tick labels of a log y axis as plain numbers (0.5, 2, 1e-05), minor ones too within one decade."""
+    """Tick labels of a log y axis as plain numbers (0.5, 2, 1e-05); minor ones too: all of them within one
+    decade, those at 2 and 5 within two decades (else a decade's ticks can leave an axis with one label)."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     lo, hi = ax.get_ylim()
     plain = FuncFormatter(lambda y, _: f"{y:g}")
+
+    def two_five(y, _):
+        lead = round(y / 10 ** math.floor(math.log10(y))) if y > 0 else 0
+        return f"{y:g}" if lead in (2, 5) else ""
+
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else FuncFormatter(two_five) if hi / lo < 100
+                                 else NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=6.5)
 
 
