@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,16 +24,11 @@ import onepass
 from onepass import distributed as opd
 
 from _helpers import assert_tolerance
+from _spawn import free_port, record_error, spawn_ranks
 
 WORLD = 2
 ATOL, RTOL = 2e-5, 2e-5
 SPAWN_TIMEOUT_S = 150.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, check, out_dir):
@@ -44,7 +38,7 @@ def _entry(rank, world, port, check, out_dir):
     try:
         CHECKS[check](rank, world, Path(out_dir))
     except BaseException as exc:  # which rank failed first: its error is the job's root cause
-        (Path(out_dir) / f"rank{rank}.error").write_text(f"{time.time()!r}\n{exc!r}")
+        record_error(out_dir, rank, exc)
         raise
     finally:
         dist.destroy_process_group()
@@ -52,14 +46,7 @@ def _entry(rank, world, port, check, out_dir):
 
 def _spawn(check: str, out_dir: Path) -> None:
     """Run CHECKS[check] on WORLD gloo ranks; a rank's exception is re-raised here; no hang past the timeout."""
-    ctx = mp.start_processes(_entry, args=(WORLD, _free_port(), check, str(out_dir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{check}: the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    spawn_ranks(_entry, (WORLD, free_port(), check, str(out_dir)), WORLD, SPAWN_TIMEOUT_S, check)
 
 
 # ------------------------------------------------------------------------------------------------

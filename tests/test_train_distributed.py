@@ -32,6 +32,7 @@ from onepass.train.rollout import concat
 from onepass.train.tiny import build_tiny_model
 
 from _train_helpers import SMALL
+from _spawn import first_error, free_port, record_error, spawn_ranks
 
 WORLD = 2
 RTOL, ATOL = 1e-5, 1e-6           # 2 ranks vs 1 process (fp32, different summation orders)
@@ -70,14 +71,6 @@ def _config(model_dir, out, *overrides):
     return load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *COMMON, *overrides])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_rank(rank, world, port, model_dir, out, overrides, resume, crash_call, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), ONEPASS_TEST_CRASH_CALL=str(crash_call))
@@ -86,28 +79,14 @@ def _train_rank(rank, world, port, model_dir, out, overrides, resume, crash_call
     try:
         run(_config(model_dir, out, *overrides), resume=resume)
     except BaseException as exc:  # which rank failed first: its error is the job's root cause
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"rank{rank}.error").write_text(f"{time.time()!r}\n{exc!r}")
+        record_error(out, rank, exc)
         raise
 
 
 def _spawn_run(model_dir, root, out, overrides, resume=None, crash_call=0) -> None:
     """``run`` on WORLD gloo ranks; a rank's exception is re-raised here; no hang past the timeout."""
-    ctx = mp.start_processes(_train_rank, args=(WORLD, _free_port(), str(model_dir), str(out), list(overrides),
-                                                resume, crash_call, str(root)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
-
-
-def _first_error(out) -> str:
-    errors = sorted((float(when), what) for when, what in (f.read_text().split("\n", 1)
-                                                            for f in Path(out).glob("rank*.error")))
-    return errors[0][1] if errors else ""
+    spawn_ranks(_train_rank, (WORLD, free_port(), str(model_dir), str(out), list(overrides), resume, crash_call,
+                              str(root)), WORLD, SPAWN_TIMEOUT_S, "training run")
 
 
 def _metrics(out) -> list[dict]:
@@ -149,7 +128,7 @@ def test_ddp_rank_failure_then_resume_equals_single_process(setup):
     with pytest.raises(mp.ProcessRaisedException):
         _spawn_run(model_dir, root, out, ddp, crash_call=2)
     assert time.monotonic() - t0 < SPAWN_TIMEOUT_S
-    assert "dist_reward:reward" in _first_error(out) and "rank 1 crashed mid-step" in _first_error(out)
+    assert "dist_reward:reward" in first_error(out) and "rank 1 crashed mid-step" in first_error(out)
     assert (out / "checkpoint-last").resolve() == (out / "checkpoint-1").resolve()
     assert (out / "checkpoint-1" / "model" / "model.safetensors").is_file()
     _spawn_run(model_dir, root, out, ddp, resume=str(out / "checkpoint-last"))
