@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _dispatch, _validate
-from ._contract import Kind, Stat, VocabStats, kernel_kind
+from ._contract import Kind, LogitMap, Stat, VocabStats, kernel_kind
 from ._ops.vocab_stats import linear_vocab_stats, rows
 from .kl import policy_ref_outputs
 from .losses import (MASKED_TARGET, OPD_SAMPLED, _constants, _weighted_sum, aggregation_weights, check_grpo_inputs,
@@ -174,9 +174,9 @@ class _Head:
         self.w = weight.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
 
-    def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
-        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32, differentiable (ignored rows: index 0);
-        only its gradient is used, so a head that needs none gets zeros."""
+    def target_logit(self, local_targets: Tensor, logit_map: LogitMap, model: int) -> Tensor:
+        """a_{y'} = the ``logit_map`` of model ``model`` on h · W[y'] (+ bias[y']) per row, fp32, differentiable
+        (ignored rows: index 0); only its gradient is used, so a head that needs none gets zeros."""
         needs_grad = any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
         if not (needs_grad and torch.is_grad_enabled()):
             return torch.zeros(local_targets.shape, dtype=torch.float32, device=local_targets.device)
@@ -184,10 +184,10 @@ class _Head:
         z = (self.h.float() * self.w[idx].float()).sum(-1)
         if self.bias is not None:
             z = z + self.bias[idx].float()
-        return z * inv_temp
+        return logit_map.apply(z, model)
 
 
-def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, inv_temp, kind: Kind,
+def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, logit_map, kind: Kind,
                           need_logp: bool, need_entropy: bool, backend, group, vocab_start) -> VocabStats:
     """Global per-row stats [lead] over the full vocabulary from the shards, for ``targets`` [lead] global ids
     (or None): lse_a, lse_b, and as requested logp_a, logp_b, entropy, div (``kind`` NONE or a KL kind); the
@@ -197,13 +197,13 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
     global_targets = _validate.kernel_targets(targets, lead, vocab, ignore_index)
     local_t, owned, valid = _local_targets(global_targets, n, start, v_shard, a.h.device)
     second = (b.h, b.w, b.bias) if b is not None else (None, None, None)
-    shard = linear_vocab_stats(a.h, a.w, a.bias, *second, targets=local_t, inv_temp=inv_temp, backend=backend,
+    shard = linear_vocab_stats(a.h, a.w, a.bias, *second, targets=local_t, logit_map=logit_map, backend=backend,
                                kind=kind, need_entropy=need_entropy)
     # Per model (a, then b): its shard's lse and target logit, values from the op, gradients through a_{y'}.
     models = [(a, shard.lse_a, shard.logp_a)] + ([(b, shard.lse_b, shard.logp_b)] if b is not None else [])
     lse, logit = [], []
-    for head, shard_lse, shard_logp in models:
-        path = head.target_logit(local_t, inv_temp)
+    for model, (head, shard_lse, shard_logp) in enumerate(models):
+        path = head.target_logit(local_t, logit_map, model)
         logit.append(_with_grad_of(shard_logp + shard_lse, path))
         lse.append(_with_grad_of(shard_lse, path - shard_logp))
     m = _max_over_ranks(torch.stack(lse, -1), group)
@@ -234,10 +234,11 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
     return VocabStats(torch.stack(columns, -1)).view(*lead)
 
 
-def _prepare(op, backend, hidden, group, temperature):
+def _prepare(op, backend, hidden, group, temperature, *logit_keywords, second_prefix=""):
+    """(group, ``LogitMap`` of temperature and the soft-cap/scale keywords, backend)."""
     group = _resolve_group(group)
-    T = _validate.check_temperature(temperature)
-    return group, 1.0 / T, _dispatch.resolve_backend(backend, hidden, "vocab_stats", f"distributed.{op}")
+    logit_map = _validate.logit_map(temperature, *logit_keywords, second_prefix=second_prefix)
+    return group, logit_map, _dispatch.resolve_backend(backend, hidden, "vocab_stats", f"distributed.{op}")
 
 
 def _check_pair(a_hidden, a_weight, a_bias, b_hidden, b_weight, b_bias, b_prefix, a_prefix=""):
@@ -262,43 +263,49 @@ def _kl_kind(kind: Kind, name: str, value, beta, alpha) -> Kind:
 # Public ops.
 # ------------------------------------------------------------------------------------------------
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, backend="auto", group=None, vocab_start=None):
+                          return_entropy=False, logit_softcap=None, logit_scale=1.0, backend="auto", group=None,
+                          vocab_start=None):
     """``onepass.linear_token_logprobs`` with ``weight`` [V_r, D] (and ``bias`` [V_r]) this rank's vocabulary
     shard; ``targets`` [...] global ids.  Returns logp [...] (and entropy [...]) over the full vocabulary,
     fp32, the same on every rank; differentiable w.r.t. hidden, the weight shard and the bias shard."""
     _validate.check_linear("", hidden, weight, bias)
     _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    group, inv_temp, be = _prepare("linear_token_logprobs", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_token_logprobs", backend, hidden, group, temperature, logit_softcap,
+                                    logit_scale)
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), None, targets, hidden.shape[:-1], ignore_index,
-                                  inv_temp, Kind.NONE, True, bool(return_entropy), be, group, vocab_start)
+                                  logit_map, Kind.NONE, True, bool(return_entropy), be, group, vocab_start)
     return (stats.logp_a, stats.entropy) if return_entropy else stats.logp_a
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                            temperature=1.0, ignore_index=-100, backend="auto", group=None, vocab_start=None):
+                            temperature=1.0, ignore_index=-100, logit_softcap=None, logit_scale=1.0,
+                            ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.linear_policy_ref_stats`` on vocabulary shards of both heads (the same rows of each).
     Returns dict(logp, ref_logp, entropy, kl_full) [...] fp32; no gradient to the reference."""
     _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, "ref_")
-    group, inv_temp, be = _prepare("linear_policy_ref_stats", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_policy_ref_stats", backend, hidden, group, temperature, logit_softcap,
+                                    logit_scale, ref_logit_softcap, ref_logit_scale, second_prefix="ref_")
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group),
                                   _Head(ref_hidden, ref_weight, ref_bias, group, detach=True), targets,
-                                  hidden.shape[:-1], ignore_index, inv_temp, Kind.REVERSE_KL, True, True, be, group,
+                                  hidden.shape[:-1], ignore_index, logit_map, Kind.REVERSE_KL, True, True, be, group,
                                   vocab_start)
     return policy_ref_outputs(stats)
 
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                       teacher_bias=None, kind="reverse_kl", beta=0.5, alpha=0.5, temperature=1.0, targets=None,
-                      ignore_index=-100, backend="auto", group=None, vocab_start=None):
+                      ignore_index=-100, logit_softcap=None, logit_scale=1.0, teacher_logit_softcap=None,
+                      teacher_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.linear_divergence`` on vocabulary shards of both heads; ``kind`` reverse_kl or forward_kl
     (see the module docstring).  Gradients to the student, and to the teacher when it requires grad."""
     _check_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 "teacher_", "student_")
     code = _kl_kind(kernel_kind(kind, beta, alpha)[0], "kind", kind, beta, alpha)
-    group, inv_temp, be = _prepare("linear_divergence", backend, student_hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_divergence", backend, student_hidden, group, temperature, logit_softcap,
+                                    logit_scale, teacher_logit_softcap, teacher_logit_scale, second_prefix="teacher_")
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group), targets,
-                                  student_hidden.shape[:-1], ignore_index, inv_temp, code, False, False, be, group,
+                                  student_hidden.shape[:-1], ignore_index, logit_map, code, False, False, be, group,
                                   vocab_start)
     return stats.div
 
@@ -306,7 +313,8 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
-              backend="auto", group=None, vocab_start=None):
+              logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto",
+              group=None, vocab_start=None):
     """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: the distributed
     stats, then the per-token KL of ``kl_estimator`` and ``policy_loss`` (replicated on every rank).  Returns
     (loss, metrics); gradients to the policy only."""
@@ -314,10 +322,11 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                       ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl_estimator=kl_estimator,
                       beta=beta)
     two = ref_hidden is not None
-    group, inv_temp, be = _prepare("grpo_loss", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("grpo_loss", backend, hidden, group, temperature, logit_softcap, logit_scale,
+                                    ref_logit_softcap, ref_logit_scale, second_prefix="ref_")
     ref_head = _Head(ref_hidden, ref_weight, ref_bias, group, detach=True) if two else None
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), ref_head, masked_targets(targets, mask),
-                                  targets.shape, MASKED_TARGET, inv_temp,
+                                  targets.shape, MASKED_TARGET, logit_map,
                                   Kind.REVERSE_KL if kl_estimator == "full" else Kind.NONE, True, True, be, group,
                                   vocab_start)
     kl = token_kl(stats, _constants(mask, ref_logp=ref_logp)["ref_logp"], kl_estimator, two)
@@ -326,10 +335,10 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                        loss_agg=loss_agg, entropy_coef=entropy_coef)
 
 
-def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
+def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
-             teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto", group=None,
-             vocab_start=None):
+             teacher_bias=None, temperature=1.0, loss_agg="token-mean", logit_softcap=None, logit_scale=1.0,
+             teacher_logit_softcap=None, teacher_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.opd_loss`` with vocabulary shards of the student and teacher heads; ``divergence`` is
     reverse_kl, forward_kl or sampled_reverse_kl: the distributed stats, then ``opd_token_loss`` aggregated
     (replicated on every rank).  Gradients to the student only."""
@@ -340,15 +349,17 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
     sampled = divergence == OPD_SAMPLED
     if not sampled:
         _kl_kind(kind, "divergence", divergence, beta, alpha)
-    group, inv_temp, be = _prepare("opd_loss", backend, student_hidden, group, temperature)
+    group, logit_map, be = _prepare("opd_loss", backend, student_hidden, group, temperature, logit_softcap,
+                                    logit_scale, teacher_logit_softcap, teacher_logit_scale, second_prefix="teacher_")
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group, detach=True),
-                                  masked_targets(targets, mask), targets.shape, MASKED_TARGET, inv_temp, kind, True,
-                                  False, be, group, vocab_start)
+                                  masked_targets(targets, mask) if targets is not None else None, mask.shape,
+                                  MASKED_TARGET, logit_map, kind, True, False, be, group, vocab_start)
     ref_logp = _constants(mask, ref_logp=ref_logp)["ref_logp"]
     per_token = opd_token_loss(stats, ref_logp, sampled=sampled, reward_scale=float(reward_scale))
     loss = _weighted_sum(aggregation_weights(mask, loss_agg), per_token)
-    return loss, opd_metrics(stats, mask, ref_logp, sampled=sampled, reward_scale=float(reward_scale))
+    return loss, opd_metrics(stats, mask, ref_logp, sampled=sampled, reward_scale=float(reward_scale),
+                             with_logp=targets is not None)
 
 
 class HeadLoss(torch.nn.Module):

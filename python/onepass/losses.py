@@ -161,6 +161,9 @@ def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix=""):
     _, v = _validate.check_linear(prefix, hidden, weight, bias)
     if hidden.dim() != 3:
         raise ValueError(f"{prefix}hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+    if targets is None:  # opd_loss's full-vocabulary divergences
+        _check_mask(mask, hidden.shape[:2], f"{prefix}hidden")
+        return v
     _validate.check_tensor("targets", targets)
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets has shape {tuple(targets.shape)} but {prefix}hidden is {tuple(hidden.shape)}: "
@@ -237,7 +240,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
               ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
-              backend="auto"):
+              logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto"):
     """Fused GRPO / PPO-clip loss from hidden states [B, T, D] and the LM-head weight [V, D].
 
     One sweep over the vocabulary gives per-token policy logp and entropy (and, with ``ref_hidden`` +
@@ -249,7 +252,8 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     student p and the reference as q (reverse_kl KL(p‖q) by default; forward_kl, jsd with
     ``ref_divergence_beta``, tv, hellinger, chi2, alpha with ``ref_divergence_alpha``), computed in the
     same sweep as the policy's log-probs.  Masked positions (mask 0) are excluded; targets there may be
-    anything in [0, V) or −100.
+    anything in [0, V) or −100.  ``logit_softcap``/``logit_scale`` (policy) and ``ref_logit_softcap``/
+    ``ref_logit_scale`` (reference) map each model's logits to c·tanh(s·ℓ/c) before the temperature.
 
     Returns (loss scalar (float32; float64 for float64 inputs), metrics dict of detached scalars: pg_loss, clip_frac, clip_frac_low,
     clip_frac_high, ratio_mean, ppo_kl, entropy, and kl when β ≠ 0 or a reference is given).
@@ -260,7 +264,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
                                  if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
     two = ref_hidden is not None
-    T = _validate.check_temperature(temperature)
+    logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, ref_logit_softcap, ref_logit_scale, "ref_")
     w = aggregation_weights(mask, loss_agg)
     be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "grpo_loss")
     inputs = _constants(mask, advantages=_expand_advantages(advantages, w), old_logp=old_logp, ref_logp=ref_logp)
@@ -269,7 +273,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                  entropy_coef=entropy_coef)
     token_loss = functools.partial(grpo_token_loss, kl_estimator=kl_estimator, reference_in_sweep=two, **terms)
     loss, stats = linear_token_loss(token_loss, w, inputs, hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
-                                    targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
+                                    targets=_loss_targets(targets, mask, v), logit_map=logit_map, backend=be,
                                     kind=kind, beta=div_beta, alpha=div_alpha, need_entropy=True)
     with torch.no_grad():
         kl = token_kl(stats, inputs.get("ref_logp"), kl_estimator, two)
@@ -304,7 +308,10 @@ def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_wei
     v = _check_loss_inputs(student_hidden, student_weight, targets, mask, student_bias, prefix="student_")
     _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
                                  v)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    _check_token_tensor("ref_logp", ref_logp, student_hidden.shape[:2])
+    if divergence == OPD_SAMPLED and targets is None:
+        raise ValueError("targets=None: divergence='sampled_reverse_kl' needs targets, the sampled tokens [B, T] "
+                         "(only the full-vocabulary divergences run without them)")
     if divergence == OPD_SAMPLED:
         if ref_logp is None and reward_scale != 1.0:
             raise ValueError("reward_scale != 1 (G-OPD / ExOPD) needs ref_logp, the reference log-probs")
@@ -322,9 +329,10 @@ def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_wei
     return v, kind, beta, alpha
 
 
-def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
+def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
-             teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto"):
+             teacher_bias=None, temperature=1.0, loss_agg="token-mean", logit_softcap=None, logit_scale=1.0,
+             teacher_logit_softcap=None, teacher_logit_scale=1.0, backend="auto"):
     """On-policy distillation loss; student and teacher LM heads in one sweep over the vocabulary.
 
     - ``divergence`` a kind of ``onepass.divergence`` (forward_kl, reverse_kl, jsd, tv, hellinger, chi2,
@@ -337,28 +345,45 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
       is the mean −r (the sampled reverse KL for λ = 1) and whose gradient is −agg(r ∇log p).
 
     Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
-    [V, Dt], targets (the sampled tokens) and mask [B, T].  Returns (loss, metrics).
+    [V, Dt], targets (the sampled tokens) and mask [B, T].  ``targets=None`` is allowed for the
+    full-vocabulary divergences (no sampled token is needed; the metrics then omit the log-probs).
+    ``logit_softcap``/``logit_scale`` (student) and ``teacher_logit_softcap``/``teacher_logit_scale`` map
+    each model's logits to c·tanh(s·ℓ/c) before the temperature.  Returns (loss, metrics).
     """
     v, kind, beta, alpha = check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
                                             mask=mask, divergence=divergence, beta=beta, alpha=alpha,
                                             reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
                                             teacher_bias=teacher_bias)
     sampled = divergence == OPD_SAMPLED
-    T = _validate.check_temperature(temperature)
+    logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, teacher_logit_softcap,
+                                    teacher_logit_scale, "teacher_")
     w = aggregation_weights(mask, loss_agg)
     be = _dispatch.resolve_backend(backend, student_hidden, "vocab_stats", "opd_loss")
     inputs = {k: x for k, x in _constants(mask, ref_logp=ref_logp).items() if x is not None}
     token_loss = functools.partial(opd_token_loss, sampled=sampled, reward_scale=float(reward_scale))
     loss, stats = linear_token_loss(token_loss, w, inputs, student_hidden, student_weight, student_bias,
                                     teacher_hidden, teacher_weight, teacher_bias,
-                                    targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
+                                    targets=opd_kernel_targets(targets, mask, v), logit_map=logit_map, backend=be,
                                     kind=kind, beta=beta, alpha=alpha)
-    return loss, opd_metrics(stats, mask, inputs.get("ref_logp"), sampled=sampled, reward_scale=float(reward_scale))
+    return loss, opd_metrics(stats, mask, inputs.get("ref_logp"), sampled=sampled, reward_scale=float(reward_scale),
+                             with_logp=targets is not None)
 
 
-def opd_metrics(stats: VocabStats, mask, ref_logp=None, *, sampled, reward_scale) -> dict:
-    """``opd_loss``'s metrics (detached masked means) from the student (a) / teacher (b) stats [B, T]."""
-    metrics = {"student_logp": _masked_mean(stats.logp_a, mask), "teacher_logp": _masked_mean(stats.logp_b, mask)}
+def opd_kernel_targets(targets, mask, v):
+    """Kernel-form targets [B, T] of ``opd_loss``: those of the sampled tokens, or without them (``None``)
+    0 at the unmasked positions (a placeholder the full divergences do not use) and −1 at the masked ones,
+    so that masked rows are still skipped."""
+    if targets is None:
+        return torch.where(mask != 0, 0, -1).to(torch.int64)
+    return _loss_targets(targets, mask, v)
+
+
+def opd_metrics(stats: VocabStats, mask, ref_logp=None, *, sampled, reward_scale, with_logp=True) -> dict:
+    """``opd_loss``'s metrics (detached masked means) from the student (a) / teacher (b) stats [B, T];
+    without targets (``with_logp=False``) no log-probs."""
+    metrics = {}
+    if with_logp:
+        metrics = {"student_logp": _masked_mean(stats.logp_a, mask), "teacher_logp": _masked_mean(stats.logp_b, mask)}
     if sampled:
         reward = _opd_reward(stats.logp_a, stats.logp_b, ref_logp, reward_scale)
         metrics["reward"] = _masked_mean(reward, mask)
