@@ -8,9 +8,9 @@ import torch
 from onepass._contract import LogitMap
 
 
-def uniform_map(inv_temp: float = 1.0, softcap: float = 0.0) -> LogitMap:
-    """The kernels' logit map with the same inverse temperature and soft-cap for both models."""
-    return LogitMap(inv_temp, softcap, inv_temp, softcap)
+def uniform_map(inv_temp: float = 1.0) -> LogitMap:
+    """The kernels' logit map with the same inverse temperature for both models and no cap."""
+    return LogitMap.plain(inv_temp)
 
 
 def as_map(logit_map) -> LogitMap:

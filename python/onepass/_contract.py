@@ -146,6 +146,11 @@ class LogitMap(NamedTuple):
         return scale / temperature, (0.0 if softcap is None else softcap / scale)
 
     @classmethod
+    def plain(cls, inv_temp: float) -> "LogitMap":
+        """Both models at the inverse temperature ``inv_temp``, no scale, no cap."""
+        return cls(inv_temp, 0.0, inv_temp, 0.0)
+
+    @classmethod
     def from_public(cls, temperature: float, softcap_a: float | None = None, scale_a: float = 1.0,
                     softcap_b: float | None = None, scale_b: float = 1.0) -> "LogitMap":
         """The map of validated public values (T > 0, caps None or > 0, scales > 0)."""
