@@ -21,7 +21,8 @@ def tiny_lm(vocab_size: int = 96, *, arch: str = "qwen2", hidden: int = 32, seed
     """A 1-layer random-init causal LM (fp32).  ``arch="qwen2"`` ties the LM head to the embeddings;
     ``arch="llama"`` has a separate head; ``arch="gemma2"`` (tied) soft-caps its final logits
     (``final_logit_softcapping``, 5.0 here so that the cap bends the tiny model's logits)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
