@@ -19,8 +19,10 @@ def word_tokenizer(vocab_size: int):
 
 def tiny_lm(vocab_size: int = 96, *, arch: str = "qwen2", hidden: int = 32, seed: int = 0, **config_overrides):
     """A 1-layer random-init causal LM (fp32).  ``arch="qwen2"`` ties the LM head to the embeddings;
-    ``arch="llama"`` has a separate head."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    ``arch="llama"`` has a separate head; ``arch="gemma2"`` (tied) soft-caps its final logits
+    (``final_logit_softcapping``, 5.0 here so that the cap bends the tiny model's logits)."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
@@ -29,6 +31,9 @@ def tiny_lm(vocab_size: int = 96, *, arch: str = "qwen2", hidden: int = 32, seed
     torch.manual_seed(seed)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+    elif arch == "gemma2":
+        gemma = dict(head_dim=hidden // 2, final_logit_softcapping=5.0, query_pre_attn_scalar=hidden // 2)
+        model = Gemma2ForCausalLM(Gemma2Config(tie_word_embeddings=True, **{**gemma, **common}))
     else:
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
     # Larger head weights than the default init: sharper distributions, so log-probs, entropies and clipping

@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import torch
 
+from onepass._contract import LogitMap
+
+
+def uniform_map(inv_temp: float = 1.0) -> LogitMap:
+    """The kernels' logit map with the same inverse temperature for both models and no cap."""
+    return LogitMap.plain(inv_temp)
+
+
+def as_map(logit_map) -> LogitMap:
+    """A ``LogitMap``, or a float inverse temperature for both models without a cap."""
+    return logit_map if isinstance(logit_map, LogitMap) else uniform_map(float(logit_map))
+
 # ----------------------------------------------------------------------------- float64 reference
 def ref_divergence(la, lb, p, q, fin, kind, beta, alpha):
     """Per-row divergence from its plain formula.  la, lb, p, q are 0 outside `fin` (the entries
@@ -31,11 +43,13 @@ def ref_divergence(la, lb, p, q, fin, kind, beta, alpha):
     return torch.where(fin, t, zero).sum(-1)
 
 
-def ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha):
-    """float64 (lse_a, lse_b, logp_a, logp_b, H, D) per row, differentiable in za, zb."""
+def ref_quantities(za, zb, targets, logit_map, kind, beta, alpha):
+    """float64 (lse_a, lse_b, logp_a, logp_b, H, D) per row, differentiable in za, zb; ``logit_map`` a
+    ``LogitMap`` (or a float inverse temperature), applied by plain torch ops."""
     n = za.shape[0]
     zeros = torch.zeros(n, dtype=torch.float64)
-    xa = za * inv_temp
+    logit_map = as_map(logit_map)
+    xa = logit_map.apply(za, 0)
     lse_a = torch.logsumexp(xa, -1)
     la_full = torch.log_softmax(xa, -1)
     fin = torch.isfinite(za) if zb is None else torch.isfinite(za) & torch.isfinite(zb)
@@ -44,7 +58,7 @@ def ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha):
     H = -(p * la).sum(-1)
     lse_b, lb_full, D = zeros, None, zeros
     if zb is not None:
-        xb = zb * inv_temp
+        xb = logit_map.apply(zb, 1)
         lse_b = torch.logsumexp(xb, -1)
         lb_full = torch.log_softmax(xb, -1)
         la_f = torch.where(fin, la_full, torch.zeros_like(la_full))
@@ -61,12 +75,12 @@ def ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha):
     return lse_a, lse_b, logp_a, logp_b, H, D
 
 
-def reference(a, b, targets, inv_temp, kind, beta, alpha, grads):
+def reference(a, b, targets, logit_map, kind, beta, alpha, grads):
     """float64 CPU stats [N, 6] = (lse_a, lse_b, logp_a, logp_b, H, D) and the autograd gradients."""
     za = a.detach().cpu().double().requires_grad_(True)
     zb = b.detach().cpu().double().requires_grad_(True) if b is not None else None
     t = targets.cpu() if targets is not None else None
-    qs = ref_quantities(za, zb, t, inv_temp, kind, beta, alpha)
+    qs = ref_quantities(za, zb, t, logit_map, kind, beta, alpha)
     keep = torch.ones(a.shape[0], dtype=torch.float64) if t is None else (t >= 0).double()
     g = grads.detach().cpu().double()
     loss = (keep * (g[:, 0] * qs[2] + g[:, 1] * qs[3] + g[:, 2] * qs[4] + g[:, 3] * qs[5])).sum()

@@ -45,7 +45,8 @@ def test_opcheck_vocab_stats(backend, device, kind, beta, alpha):
     a = torch.randn(n, v, device=device, requires_grad=True)
     b = torch.randn(n, v, device=device, requires_grad=True) if kind else None
     t = _kernel_targets(n, v, device)
-    hyper = torch.tensor([1 / 0.7, beta, alpha], dtype=torch.float64)
+    # logit map (inv_temp, softcap) per model: a soft-capped, b plain at another temperature; then β, α
+    hyper = torch.tensor([1 / 0.7, 3.0, 0.9, 0.0, beta, alpha], dtype=torch.float64)
     args = (a, b, t, kind, hyper, True, backend)
     _opcheck(torch.ops.onepass.vocab_stats.default, args)
     stats = torch.ops.onepass.vocab_stats.default(*args).detach()
@@ -73,7 +74,7 @@ def test_opcheck_linear_vocab_stats(backend, device, kind, beta, alpha, second):
     wb = torch.randn(v, dr, device=device, requires_grad=True) if second else None
     bias_b = torch.randn(v, device=device) if second else None
     t = _kernel_targets(n, v, device)
-    hyper = torch.tensor([1.3, beta, alpha], dtype=torch.float64)
+    hyper = torch.tensor([1.3, 2.0, 1.1, 4.0, beta, alpha], dtype=torch.float64)  # both models soft-capped
     args = (ha, wa, bias_a, hb, wb, bias_b, t, kind, hyper, True, backend)
     _opcheck(torch.ops.onepass.linear_vocab_stats.default, args)
     stats = torch.ops.onepass.linear_vocab_stats.default(*args).detach()

@@ -44,7 +44,7 @@ def _cuda():
     return cuda
 
 
-from _vocab_stats_ref import assert_close, make_inputs, reference  # noqa: E402
+from _vocab_stats_ref import as_map, assert_close, make_inputs, reference, uniform_map  # noqa: E402
 
 STATS_TOL = 1e-4
 GRAD_TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
@@ -68,7 +68,7 @@ def run_case(n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, *, with_targets=T
     ad = a.to(dev)
     bd = bb.to(dev) if bb is not None else None
     td = targets.to(dev) if targets is not None else None
-    stats = cuda.vocab_stats_fwd(ad, bd, td, inv_temp, kind, beta, alpha, need_entropy)
+    stats = cuda.vocab_stats_fwd(ad, bd, td, as_map(inv_temp), kind, beta, alpha, need_entropy)
     assert stats.shape == (n, 8) and stats.dtype == torch.float32 and stats.device == ad.device
     ref_stats, ref_ga, ref_gb = reference(a, bb, targets, inv_temp, kind, beta, alpha, grads)
     if not need_entropy:
@@ -84,7 +84,7 @@ def run_case(n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, *, with_targets=T
     if targets is not None:
         assert torch.all(sc[targets < 0] == 0)
     gd = grads.to(dev, torch.float32)
-    ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, gd, inv_temp, kind, beta, alpha, True, bd is not None)
+    ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, gd, as_map(inv_temp), kind, beta, alpha, True, bd is not None)
     assert ga.dtype == dtype and ga.shape == a.shape and ga.device == ad.device
     gtol = GRAD_TOL[dtype]
     assert_close(ga, ref_ga, gtol, f"grad_a kind={kind} V={v} {dtype}")
@@ -127,10 +127,11 @@ def test_misaligned_pointers(dtype, offsets):
     bd.copy_(b)
     td = targets.cuda()
     for kind in (1, 3, 5):
-        stats = cuda.vocab_stats_fwd(ad, bd, td, 1.0, kind, 0.5, 0.5, True)
+        stats = cuda.vocab_stats_fwd(ad, bd, td, uniform_map(), kind, 0.5, 0.5, True)
         ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.5, 0.5, grads)
         assert_close(stats.cpu()[:, :6], ref, STATS_TOL, f"misaligned stats kind={kind}")
-        ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, grads.float().cuda(), 1.0, kind, 0.5, 0.5, True, True)
+        ga, gb = cuda.vocab_stats_bwd(ad, bd, td, stats, grads.float().cuda(), uniform_map(), kind, 0.5, 0.5,
+                                      True, True)
         assert_close(ga, ga_r, GRAD_TOL[dtype], f"misaligned grad_a kind={kind}")
         assert_close(gb, gb_r, GRAD_TOL[dtype], f"misaligned grad_b kind={kind}")
 
@@ -146,10 +147,10 @@ def test_far_apart_distributions(scale, kind, alpha):
     b = torch.randn(3, 2000, generator=g) * scale
     targets = torch.tensor([1, -1, 5])
     grads = torch.randn(3, 4, generator=g, dtype=torch.float64)
-    stats = cuda.vocab_stats_fwd(a.cuda(), b.cuda(), targets.cuda(), 1.0, kind, 0.3, alpha, True)
+    stats = cuda.vocab_stats_fwd(a.cuda(), b.cuda(), targets.cuda(), uniform_map(), kind, 0.3, alpha, True)
     ref, ga_r, gb_r = reference(a, b, targets, 1.0, kind, 0.3, alpha, grads)
     assert_close(stats.cpu()[:, :6], ref, STATS_TOL, f"kind {kind} alpha {alpha}")
-    ga, gb = cuda.vocab_stats_bwd(a.cuda(), b.cuda(), targets.cuda(), stats, grads.float().cuda(), 1.0, kind,
+    ga, gb = cuda.vocab_stats_bwd(a.cuda(), b.cuda(), targets.cuda(), stats, grads.float().cuda(), uniform_map(), kind,
                                   0.3, alpha, True, True)
     assert_close(ga, ga_r, GRAD_TOL[torch.float32], "grad_a")
     assert_close(gb, gb_r, GRAD_TOL[torch.float32], "grad_b")
@@ -160,21 +161,22 @@ def test_side_stream_and_empty():
     cuda = _cuda()
     a, b, targets, grads = make_inputs(8, 4096, torch.bfloat16, seed=14)
     a, b, targets = a.cuda(), b.cuda(), targets.cuda()
-    ref = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
+    ref = cuda.vocab_stats_fwd(a, b, targets, uniform_map(), 3, 0.5, 0.5, True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        got = cuda.vocab_stats_fwd(a, b, targets, 1.0, 3, 0.5, 0.5, True)
+        got = cuda.vocab_stats_fwd(a, b, targets, uniform_map(), 3, 0.5, 0.5, True)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     assert torch.equal(got, ref)
     e = torch.zeros(0, 10, device="cuda")
-    st = cuda.vocab_stats_fwd(e, None, None, 1.0, 0, 0.5, 0.5, True)
+    st = cuda.vocab_stats_fwd(e, None, None, uniform_map(), 0, 0.5, 0.5, True)
     assert st.shape == (0, 8)
-    ga, gb = cuda.vocab_stats_bwd(e, None, None, st, torch.zeros(0, 4, device="cuda"), 1.0, 0, 0.5, 0.5, True, False)
+    ga, gb = cuda.vocab_stats_bwd(e, None, None, st, torch.zeros(0, 4, device="cuda"), uniform_map(), 0, 0.5, 0.5,
+                                  True, False)
     assert ga.shape == (0, 10) and gb is None
     with pytest.raises(TypeError, match="float64"):
-        cuda.vocab_stats_fwd(a.double(), None, None, 1.0, 0, 0.5, 0.5, True)
+        cuda.vocab_stats_fwd(a.double(), None, None, uniform_map(), 0, 0.5, 0.5, True)
 
 
 # ----------------------------------------------------------------------------- binding tests (any machine)
@@ -198,10 +200,11 @@ def test_binding_without_device_raises():
     st = torch.zeros(2, 8)
     g = torch.zeros(2, 4)
     with pytest.raises(RuntimeError, match="onepass CUDA backend: no usable CUDA device"):
-        _C.vocab_stats_fwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), 2, 10, 0, 1.0, 0, 0.5, 0.5, True, 0)
+        _C.vocab_stats_fwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), 2, 10, 0, 1.0, 0.0, 1.0, 0.0, 0, 0.5, 0.5, True,
+                                0)
     with pytest.raises(RuntimeError, match="onepass CUDA backend: no usable CUDA device"):
         _C.vocab_stats_bwd_cuda(x.data_ptr(), 0, 0, st.data_ptr(), g.data_ptr(), x.data_ptr(), 0, 2, 10, 0, 1.0,
-                                0, 0.5, 0.5, 0)
+                                0.0, 1.0, 0.0, 0, 0.5, 0.5, 0)
     assert "cuda" not in onepass.available_backends("cuda")
 
 
@@ -209,14 +212,14 @@ def test_binding_without_device_raises():
 def test_binding_argument_errors():
     """Argument errors are reported before any device is touched (no device needed)."""
     with pytest.raises(TypeError, match="float64"):
-        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 3, 1.0, 0, 0.5, 0.5, True, 0)
+        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 3, 1.0, 0.0, 1.0, 0.0, 0, 0.5, 0.5, True, 0)
     with pytest.raises(ValueError, match="kind"):
-        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 8, 0.5, 0.5, True, 0)
+        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 0.0, 1.0, 0.0, 8, 0.5, 0.5, True, 0)
     with pytest.raises(ValueError, match="beta"):
-        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 3, 0.0, 0.5, True, 0)
+        _C.vocab_stats_fwd_cuda(16, 16, 0, 16, 2, 10, 0, 1.0, 0.0, 1.0, 0.0, 3, 0.0, 0.5, True, 0)
     with pytest.raises(ValueError, match="alpha"):
-        _C.vocab_stats_bwd_cuda(16, 16, 0, 16, 16, 16, 0, 2, 10, 0, 1.0, 7, 0.5, 1.0, 0)
+        _C.vocab_stats_bwd_cuda(16, 16, 0, 16, 16, 16, 0, 2, 10, 0, 1.0, 0.0, 1.0, 0.0, 7, 0.5, 1.0, 0)
     with pytest.raises(ValueError, match="needs b"):
-        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 0, 1.0, 1, 0.5, 0.5, True, 0)
+        _C.vocab_stats_fwd_cuda(16, 0, 0, 16, 2, 10, 0, 1.0, 0.0, 1.0, 0.0, 1, 0.5, 0.5, True, 0)
     # N == 0: nothing to launch, no device needed
-    _C.vocab_stats_fwd_cuda(0, 0, 0, 0, 0, 10, 0, 1.0, 0, 0.5, 0.5, True, 0)
+    _C.vocab_stats_fwd_cuda(0, 0, 0, 0, 0, 10, 0, 1.0, 0.0, 1.0, 0.0, 0, 0.5, 0.5, True, 0)

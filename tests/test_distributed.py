@@ -192,12 +192,13 @@ def _check_policy_ref(rank, world, errs):
     start, size = _split(v, rank, world)
     y = _targets(lead, v)
     ws, bs = _shard(w, start, size), _shard(bias, start, size)
-    ref = onepass.linear_policy_ref_stats(h, w, rh, rw, y, bias=bias, ref_bias=rb, temperature=0.8)
+    caps = dict(temperature=0.8, logit_softcap=3.0, ref_logit_softcap=2.0, ref_logit_scale=1.2)  # per-model caps
+    ref = onepass.linear_policy_ref_stats(h, w, rh, rw, y, bias=bias, ref_bias=rb, **caps)
     coef = {k: torch.randn(lead) for k in ref}
     gf = _grads(sum((coef[k] * ref[k]).sum() for k in ref), [h, w, bias])
     for backend in onepass.available_backends("cpu"):  # the shard op of every backend (torch: autograd)
         out = opd.linear_policy_ref_stats(h, ws, rh, rw[start:start + size], y, bias=bs,
-                                          ref_bias=rb[start:start + size], temperature=0.8, backend=backend)
+                                          ref_bias=rb[start:start + size], backend=backend, **caps)
         for k in ref:
             errs(f"linear_policy_ref_stats {k}", out[k], ref[k])
         g = _grads(sum((coef[k] * out[k]).sum() for k in out), [h, ws, bs])
@@ -337,7 +338,8 @@ def _check_grpo(rank, world, errs):
     ws, bs = _shard(w, start, size), _shard(bias, start, size)
     sl = (start, size)
     adv, old = torch.randn(3), torch.randn(3, 5) * 0.3 - 2.0
-    kw = dict(mask=mask, old_logp=old, beta=0.1, kl_estimator="full", entropy_coef=0.01, temperature=0.9)
+    kw = dict(mask=mask, old_logp=old, beta=0.1, kl_estimator="full", entropy_coef=0.01, temperature=0.9,
+              logit_softcap=2.5, logit_scale=1.1, ref_logit_softcap=4.0)
     out = opd.grpo_loss(h, ws, y, adv, bias=bs, ref_hidden=rh, ref_weight=rw[start:start + size], **kw)
     ref = onepass.grpo_loss(h, w, y, adv, bias=bias, ref_hidden=rh, ref_weight=rw, **kw)
     _compare_loss(errs, "grpo_loss ref head, kl full", out, ref, [h, ws, bs], [h, w, bias], [None, sl, sl])
@@ -365,7 +367,7 @@ def _check_opd(rank, world, errs):
     ws, bs, tws = _shard(w, start, size), _shard(bias, start, size), tw[start:start + size]
     sl = (start, size)
     cases = [dict(divergence="reverse_kl"),
-             dict(divergence="forward_kl", temperature=0.8, loss_agg="seq-mean-token-sum"),
+             dict(divergence="forward_kl", temperature=0.8, loss_agg="seq-mean-token-sum", teacher_logit_softcap=2.0),
              dict(divergence="sampled_reverse_kl", reward_scale=1.5, ref_logp=torch.randn(3, 5) - 2.0)]
     for kw in cases:
         out = opd.opd_loss(h, ws, th, tws, y, mask=mask, student_bias=bs, **kw)

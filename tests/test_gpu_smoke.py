@@ -17,7 +17,7 @@ import torch
 
 from _vocab_stats_ref import assert_close, make_inputs, reference
 
-from onepass._contract import Grad, Kind
+from onepass._contract import Grad, Kind, LogitMap
 
 MODELS = [("single", False, Kind.NONE)] + [(f"pair-{k.name.lower()}", True, k) for k in Kind]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -47,7 +47,8 @@ def smoke_case(path, pair, kind, dtype, bias, device):
     float64 reference on CPU."""
     from onepass.triton_kernels import vocab_stats as vs
     g = torch.Generator().manual_seed(1000 + 10 * kind + pair)
-    inv_temp, beta, alpha = 0.7, 0.3, 0.6 if kind != Kind.ALPHA else 1.7
+    # the policy's logits soft-capped, the second model's at another temperature without a cap
+    logit_map, beta, alpha = LogitMap(0.7, 4.0, 0.9, 0.0), 0.3, 0.6 if kind != Kind.ALPHA else 1.7
     a, b, targets, grads = make_inputs(N, V, dtype, seed=kind, with_ninf=path == "logits")
     if not pair:
         b = None
@@ -59,8 +60,8 @@ def smoke_case(path, pair, kind, dtype, bias, device):
     if path == "logits":
         za, zb = a, b
         ad, bd = a.to(dev), b.to(dev) if b is not None else None
-        stats = vs.vocab_stats_fwd(ad, bd, td, inv_temp, kind, beta, alpha, True)
-        ga, gb = vs.vocab_stats_bwd(ad, bd, td, stats, gd, inv_temp, kind, beta, alpha, True, pair)
+        stats = vs.vocab_stats_fwd(ad, bd, td, logit_map, kind, beta, alpha, True)
+        ga, gb = vs.vocab_stats_bwd(ad, bd, td, stats, gd, logit_map, kind, beta, alpha, True, pair)
     else:
         def model():
             h = (torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
@@ -72,11 +73,11 @@ def smoke_case(path, pair, kind, dtype, bias, device):
         za = _linear_logits(ha, wa, bias_a)
         zb = _linear_logits(hb, wb, bias_b) if pair else None
         on = lambda x: x.to(dev) if x is not None else None  # noqa: E731
-        stats = vs.linear_vocab_stats_fwd(on(ha), on(wa), on(bias_a), on(hb), on(wb), on(bias_b), td, inv_temp,
+        stats = vs.linear_vocab_stats_fwd(on(ha), on(wa), on(bias_a), on(hb), on(wb), on(bias_b), td, logit_map,
                                           kind, beta, alpha, True)
         ga, gb = vs.linear_vocab_grad_logits(on(ha), on(wa), on(bias_a), on(hb), on(wb), on(bias_b), td, stats,
-                                             gd, inv_temp, kind, beta, alpha, True, pair)
-    ref_stats, ref_ga, ref_gb = reference(za, zb, targets, inv_temp, kind, beta, alpha, grads)
+                                             gd, logit_map, kind, beta, alpha, True, pair)
+    ref_stats, ref_ga, ref_gb = reference(za, zb, targets, logit_map, kind, beta, alpha, grads)
     what = f"{path} kind={kind} pair={pair} {dtype} bias={bias}"
     assert stats.shape == (N, 8) and stats.dtype == torch.float32
     assert_close(stats[:, :6], ref_stats, STATS_TOL, f"stats {what}")

@@ -32,7 +32,7 @@ def model_dirs(tmp_path_factory):
     """Saved tiny models: a reference model is built from a path, so the trainers get paths."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
-    for arch in ("qwen2", "llama"):
+    for arch in ("qwen2", "llama", "gemma2"):
         path = root / arch
         tiny_lm(VOCAB, arch=arch).save_pretrained(path)
         word_tokenizer(VOCAB).save_pretrained(path)
@@ -143,14 +143,14 @@ def test_dpo_same_run(model_dirs, monkeypatch):
     _assert_same_run(_dpo(model_dirs, loss_type=["sigmoid", "ipo"], beta=0.1), keys, monkeypatch)
 
 
-def _distillation(model_dirs, beta, temperature):
+def _distillation(model_dirs, beta, temperature, student="qwen2", teacher_arch="llama"):
     from datasets import Dataset
 
     def make():
         args = trl.DistillationConfig(output_dir="/tmp/onepass-test-distill", learning_rate=3.0, beta=beta,
                                       temperature=temperature, max_completion_length=6, **COMMON)
-        teacher = tiny_lm(VOCAB, arch="llama", hidden=48, seed=7)
-        return trl.DistillationTrainer(model=model_dirs["qwen2"], teacher_model=teacher, args=args,
+        teacher = tiny_lm(VOCAB, arch=teacher_arch, hidden=48, seed=7)
+        return trl.DistillationTrainer(model=model_dirs[student], teacher_model=teacher, args=args,
                                        processing_class=word_tokenizer(VOCAB),
                                        train_dataset=Dataset.from_dict({"prompt": prompts(8, VOCAB)}))
     return make
@@ -161,8 +161,18 @@ def test_distillation_same_run(model_dirs, beta, monkeypatch):
     _assert_same_run(_distillation(model_dirs, beta, temperature=0.7), ["loss", "grad_norm", "entropy"], monkeypatch)
 
 
-def test_head_matches_float64():
-    """The swapped function against a float64 log-softmax, values and gradients (scale folded, bias)."""
+def test_softcapped_models_same_run(model_dirs, monkeypatch):
+    """Gemma-2 (final_logit_softcapping) trains patched as unpatched: GRPO with a reference (β > 0), and
+    distillation of a soft-capped student from an uncapped teacher (each model's own cap and scale)."""
+    _assert_same_run(_grpo(model_dirs, arch="gemma2", loss_type="dapo", beta=0.1),
+                     ["loss", "grad_norm", "entropy", "kl", "clip_ratio/region_mean"], monkeypatch)
+    _assert_same_run(_distillation(model_dirs, 0.5, temperature=0.7, student="gemma2"),
+                     ["loss", "grad_norm", "entropy"], monkeypatch)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_matches_float64(softcap):
+    """The swapped function against a float64 log-softmax, values and gradients (scale, soft-cap, bias)."""
     g = torch.Generator().manual_seed(3)
     n, d, v, temperature, scale = 37, 24, 101, 0.8, 1.7
     hidden = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -178,14 +188,15 @@ def test_head_matches_float64():
         return [logp.double(), ent.double(), mean.double(), top1] + [x.grad.double() for x in leaves]
 
     def reference(h, w, b):
-        z = scale * (h @ w.T + b) / temperature
+        z = scale * (h @ w.T + b)
+        z = (z if softcap is None else softcap * torch.tanh(z / softcap)) / temperature
         logp_all = z.log_softmax(-1)
         return (logp_all.gather(1, targets[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1), z.mean(-1),
                 z.argmax(-1) == targets)
 
     def onepass_head(h, w, b):
         logp, ent, sq, mean, top1 = onepass_trl.OnepassLogProbFunction.apply(
-            h, w, b, targets, temperature, 4096, None, scale, ("log_probs", "entropy", "mean_logits", "is_top1"))
+            h, w, b, targets, temperature, 4096, softcap, scale, ("log_probs", "entropy", "mean_logits", "is_top1"))
         assert sq is None
         return logp, ent, mean, top1
 
@@ -201,7 +212,7 @@ def test_refusals(model_dirs):
 
     make = _grpo(model_dirs, loss_type="grpo", beta=0.0)
     trainer = make()
-    trainer.model.config.final_logit_softcapping = 30.0
+    trainer.model.config.final_logit_softcapping = -30.0
     with pytest.raises(UnsupportedOption, match="final_logit_softcapping"):
         onepass_trl.patch(trainer)
     trainer.model.config.final_logit_softcapping = None
@@ -214,7 +225,7 @@ def test_refusals(model_dirs):
                                                  1.0, 0, None, 1.0, ("log_probs", "log_sum_sq_probs"))
     with pytest.raises(UnsupportedOption, match="final_logit_softcapping"):
         onepass_trl.OnepassLogProbFunction.apply(torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(3).long(),
-                                                 1.0, 0, 30.0, 1.0, ("log_probs",))
+                                                 1.0, 0, 0.0, 1.0, ("log_probs",))
     with pytest.raises(UnsupportedOption, match="use_weighting"):
         onepass_trl.patch(_dpo(model_dirs, use_weighting=True)())
     with pytest.raises(UnsupportedOption, match="SFTTrainer"):

@@ -14,7 +14,7 @@ from onepass._contract import Grad, Kind, Stat
 from onepass._dispatch import Cap, has, launcher
 
 from _helpers import backend_cases
-from _vocab_stats_ref import assert_close, make_inputs, reference
+from _vocab_stats_ref import as_map, assert_close, make_inputs, reference, uniform_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 KINDS = list(Kind)
@@ -80,7 +80,7 @@ def run_case(backend, device, n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, 
         grads[:, Grad.DIV] = 0
     dev = lambda x: None if x is None else x.to(device)  # noqa: E731
     a_d, b_d, t_d = dev(a), dev(bb), dev(targets)
-    stats = mod.vocab_stats_fwd(a_d, b_d, t_d, inv_temp, kind, beta, alpha, True)
+    stats = mod.vocab_stats_fwd(a_d, b_d, t_d, as_map(inv_temp), kind, beta, alpha, True)
     sd = torch.float64 if dtype == torch.float64 else torch.float32
     assert stats.shape == (n, _contract.NUM_STATS) and stats.dtype == sd and stats.device == a_d.device
     ref_stats, ref_ga, ref_gb = reference(a, bb, targets, inv_temp, kind, beta, alpha, grads)
@@ -95,8 +95,8 @@ def run_case(backend, device, n, v, dtype, kind, inv_temp, beta=0.5, alpha=0.5, 
         assert torch.all(stats[:, Stat.DIV:] == 0)
     if targets is not None:
         assert torch.all(stats[t_d < 0] == 0)
-    ga, gb = mod.vocab_stats_bwd(a_d, b_d, t_d, stats, grads.to(device, sd), inv_temp, kind, beta, alpha, True,
-                                 bb is not None)
+    ga, gb = mod.vocab_stats_bwd(a_d, b_d, t_d, stats, grads.to(device, sd), as_map(inv_temp), kind, beta, alpha,
+                                 True, bb is not None)
     assert ga.dtype == dtype and ga.shape == a.shape
     gtol = grad_tol_for(dtype)
     assert_close(ga, ref_ga, gtol, f"grad_a kind={kind}")
@@ -145,7 +145,7 @@ def test_vocab_32000(backend, device, v, dtype, kind):
 def test_no_targets(backend, device, kind):
     run_case(backend, device, 4, 200, torch.float32, kind, 1.0, with_targets=False, seed=6)
     a, b, _, _ = make_inputs(4, 200, torch.float32, seed=6)
-    stats = _mod(backend).vocab_stats_fwd(a.to(device), b.to(device), None, 1.0, kind, 0.5, 0.5, True)
+    stats = _mod(backend).vocab_stats_fwd(a.to(device), b.to(device), None, uniform_map(), kind, 0.5, 0.5, True)
     assert torch.all(stats[:, [Stat.LOGP_A, Stat.LOGP_B]] == 0)
 
 
@@ -163,13 +163,13 @@ def test_identical_inputs_exact_zero(backend, device, dtype, kind):
     # the kernels' φ forms give exactly 0; the plain-torch formulas round (a few ulps of the terms)
     exact = not has("vocab_stats", backend, Cap.AUTOGRAD)
     zero = (lambda x: torch.all(x == 0)) if exact else (lambda x: x.abs().max() <= 1e-6)  # noqa: E731
-    stats = mod.vocab_stats_fwd(a, b, targets, 1 / 0.7, kind, 0.3, 0.7, True)
+    stats = mod.vocab_stats_fwd(a, b, targets, uniform_map(1 / 0.7), kind, 0.3, 0.7, True)
     assert zero(stats[:, Stat.DIV:]), stats[:, Stat.DIV:]
     assert torch.equal(stats[:, Stat.LSE_A], stats[:, Stat.LSE_B])
     assert torch.equal(stats[:, Stat.LOGP_A], stats[:, Stat.LOGP_B])
     g = torch.zeros_like(stats[:, :_contract.NUM_GRADS])
     g[:, Grad.DIV] = grads[:, Grad.DIV].to(g)
-    ga, gb = mod.vocab_stats_bwd(a, b, targets, stats, g, 1 / 0.7, kind, 0.3, 0.7, True, True)
+    ga, gb = mod.vocab_stats_bwd(a, b, targets, stats, g, uniform_map(1 / 0.7), kind, 0.3, 0.7, True, True)
     assert zero(ga.float()) and zero(gb.float())
 
 
@@ -177,15 +177,15 @@ def test_identical_inputs_exact_zero(backend, device, dtype, kind):
 def test_need_entropy_and_grad_selection(backend, device):
     mod = _mod(backend)
     a, b, targets, grads = (x.to(device) for x in make_inputs(4, 100, torch.float32, seed=10))
-    s1 = mod.vocab_stats_fwd(a, b, targets, 1.0, Kind.JSD, 0.5, 0.5, True)
-    s0 = mod.vocab_stats_fwd(a, b, targets, 1.0, Kind.JSD, 0.5, 0.5, False)
+    s1 = mod.vocab_stats_fwd(a, b, targets, uniform_map(), Kind.JSD, 0.5, 0.5, True)
+    s0 = mod.vocab_stats_fwd(a, b, targets, uniform_map(), Kind.JSD, 0.5, 0.5, False)
     assert torch.all(s0[:, Stat.ENTROPY] == 0)
     others = [c for c in Stat if c != Stat.ENTROPY]
     assert torch.equal(s0[:, others], s1[:, others])
     g = grads.float()
-    ga, gb = mod.vocab_stats_bwd(a, b, targets, s1, g, 1.0, Kind.JSD, 0.5, 0.5, True, True)
-    ga2, gb2 = mod.vocab_stats_bwd(a, b, targets, s1, g, 1.0, Kind.JSD, 0.5, 0.5, True, False)
-    ga3, gb3 = mod.vocab_stats_bwd(a, b, targets, s1, g, 1.0, Kind.JSD, 0.5, 0.5, False, True)
+    ga, gb = mod.vocab_stats_bwd(a, b, targets, s1, g, uniform_map(), Kind.JSD, 0.5, 0.5, True, True)
+    ga2, gb2 = mod.vocab_stats_bwd(a, b, targets, s1, g, uniform_map(), Kind.JSD, 0.5, 0.5, True, False)
+    ga3, gb3 = mod.vocab_stats_bwd(a, b, targets, s1, g, uniform_map(), Kind.JSD, 0.5, 0.5, False, True)
     assert gb2 is None and ga3 is None
     assert torch.equal(ga, ga2) and torch.equal(gb, gb3)
 
@@ -194,7 +194,7 @@ def test_need_entropy_and_grad_selection(backend, device):
 def test_nan_and_all_ninf_rows_stay_local(backend, device):
     mod = _mod(backend)
     a, b, targets, grads = (x.to(device) for x in make_inputs(6, 150, torch.float32, seed=11, ignored=False))
-    args = (1.0, Kind.JSD, 0.5, 0.5)
+    args = (uniform_map(), Kind.JSD, 0.5, 0.5)
     clean = mod.vocab_stats_fwd(a, b, targets, *args, True)
     ga_c, gb_c = mod.vocab_stats_bwd(a, b, targets, clean, grads.float(), *args, True, True)
     a2, b2 = a.clone(), b.clone()
@@ -212,7 +212,7 @@ def test_nan_and_all_ninf_rows_stay_local(backend, device):
     # an all -inf row as the first blocks of a row, NaN later in an all -inf region
     a3 = torch.full((1, 200), float("-inf"), device=device)
     a3[0, 150] = float("nan")
-    s3 = mod.vocab_stats_fwd(a3, None, None, 1.0, Kind.NONE, 0.5, 0.5, True)
+    s3 = mod.vocab_stats_fwd(a3, None, None, uniform_map(), Kind.NONE, 0.5, 0.5, True)
     assert torch.isnan(s3[0, Stat.LSE_A])
 
 
@@ -228,14 +228,15 @@ def test_leading_ninf_blocks_and_large_logits(backend, device, dtype):
     mod = _mod(backend)
     aa, bb = a.to(dtype), b.to(dtype)
     for kind in (Kind.REVERSE_KL, Kind.FORWARD_KL, Kind.JSD, Kind.ALPHA):
-        stats = mod.vocab_stats_fwd(aa.to(device), bb.to(device), targets.to(device), 1.0, kind, 0.5, 0.5, True)
-        ref, ga_r, gb_r = reference(aa, bb, targets, 1.0, kind, 0.5, 0.5, grads)
+        stats = mod.vocab_stats_fwd(aa.to(device), bb.to(device), targets.to(device), uniform_map(), kind, 0.5, 0.5,
+                                    True)
+        ref, ga_r, gb_r = reference(aa, bb, targets, uniform_map(), kind, 0.5, 0.5, grads)
         assert torch.isfinite(stats).all()
         # float32: logits ~500 carry an absolute rounding error of ~3e-5 on every entry
         tol = 1e-10 if dtype == torch.float64 else 2e-4
         assert_close(stats[:, D], ref, tol, f"kind {kind}")
         ga, gb = mod.vocab_stats_bwd(aa.to(device), bb.to(device), targets.to(device), stats,
-                                     grads.to(device, stats.dtype), 1.0, kind, 0.5, 0.5, True, True)
+                                     grads.to(device, stats.dtype), uniform_map(), kind, 0.5, 0.5, True, True)
         assert_close(ga, ga_r, tol, "grad_a")
         assert_close(gb, gb_r, tol, "grad_b")
 
@@ -244,10 +245,10 @@ def test_leading_ninf_blocks_and_large_logits(backend, device, dtype):
 def test_empty(backend, device):
     mod = _mod(backend)
     a = torch.zeros(0, 10, device=device)
-    stats = mod.vocab_stats_fwd(a, None, None, 1.0, Kind.NONE, 0.5, 0.5, True)
+    stats = mod.vocab_stats_fwd(a, None, None, uniform_map(), Kind.NONE, 0.5, 0.5, True)
     assert stats.shape == (0, _contract.NUM_STATS)
-    ga, gb = mod.vocab_stats_bwd(a, None, None, stats, torch.zeros(0, _contract.NUM_GRADS, device=device), 1.0,
-                                 Kind.NONE, 0.5, 0.5, True, False)
+    ga, gb = mod.vocab_stats_bwd(a, None, None, stats, torch.zeros(0, _contract.NUM_GRADS, device=device),
+                                 uniform_map(), Kind.NONE, 0.5, 0.5, True, False)
     assert ga.shape == (0, 10) and gb is None
 
 
@@ -259,19 +260,19 @@ def test_inf_kl_where_q_is_zero(backend, device):
     b[0, 3] = float("-inf")
     mod = _mod(backend)
     for kind in (Kind.REVERSE_KL, Kind.CHI2):
-        s = mod.vocab_stats_fwd(a, b, None, 1.0, kind, 0.5, 0.5, False)
+        s = mod.vocab_stats_fwd(a, b, None, uniform_map(), kind, 0.5, 0.5, False)
         assert s[0, Stat.DIV] == math.inf, (kind, s)
-    s = mod.vocab_stats_fwd(a, b, None, 1.0, Kind.FORWARD_KL, 0.5, 0.5, False)
+    s = mod.vocab_stats_fwd(a, b, None, uniform_map(), Kind.FORWARD_KL, 0.5, 0.5, False)
     assert math.isfinite(s[0, Stat.DIV].item())
 
 
 def test_alpha_limits_match_kl():
     a, b, targets, _ = make_inputs(4, 500, torch.float32, seed=4)
     fwd = _mod("cpu").vocab_stats_fwd
-    rkl = fwd(a, b, targets, 1.0, Kind.REVERSE_KL, 0.5, 0.5, False)[:, Stat.DIV]
-    fkl = fwd(a, b, targets, 1.0, Kind.FORWARD_KL, 0.5, 0.5, False)[:, Stat.DIV]
-    a1 = fwd(a, b, targets, 1.0, Kind.ALPHA, 0.5, 1 - 1e-5, False)[:, Stat.DIV]
-    a0 = fwd(a, b, targets, 1.0, Kind.ALPHA, 0.5, 1e-5, False)[:, Stat.DIV]
+    rkl = fwd(a, b, targets, uniform_map(), Kind.REVERSE_KL, 0.5, 0.5, False)[:, Stat.DIV]
+    fkl = fwd(a, b, targets, uniform_map(), Kind.FORWARD_KL, 0.5, 0.5, False)[:, Stat.DIV]
+    a1 = fwd(a, b, targets, uniform_map(), Kind.ALPHA, 0.5, 1 - 1e-5, False)[:, Stat.DIV]
+    a0 = fwd(a, b, targets, uniform_map(), Kind.ALPHA, 0.5, 1e-5, False)[:, Stat.DIV]
     torch.testing.assert_close(a1, rkl, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(a0, fkl, rtol=1e-3, atol=1e-4)
 
@@ -282,11 +283,11 @@ def test_compiled_bounds_checks():
     x = torch.zeros(2, 10)
     st = torch.zeros(2, _contract.NUM_STATS)
     with pytest.raises(ValueError):  # a kind past the table
-        _C.vocab_stats_fwd_cpu(x.data_ptr(), x.data_ptr(), 0, st.data_ptr(), 2, 10, 0, 1.0, _contract.NUM_KINDS,
-                               0.5, 0.5, True)
+        _C.vocab_stats_fwd_cpu(x.data_ptr(), x.data_ptr(), 0, st.data_ptr(), 2, 10, 0, 1.0, 0.0, 1.0, 0.0,
+                               _contract.NUM_KINDS, 0.5, 0.5, True)
     with pytest.raises(ValueError):  # an unknown dtype code
-        _C.vocab_stats_fwd_cpu(x.data_ptr(), x.data_ptr(), 0, st.data_ptr(), 2, 10, 7, 1.0, Kind.REVERSE_KL, 0.5,
-                               0.5, True)
+        _C.vocab_stats_fwd_cpu(x.data_ptr(), x.data_ptr(), 0, st.data_ptr(), 2, 10, 7, 1.0, 0.0, 1.0, 0.0,
+                               Kind.REVERSE_KL, 0.5, 0.5, True)
 
 
 def test_compiled_contract_matches_python():

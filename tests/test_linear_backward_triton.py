@@ -15,7 +15,7 @@ import torch
 
 from _vocab_stats_ref import ref_quantities
 
-from onepass._contract import NUM_GRADS, Grad, Kind
+from onepass._contract import NUM_GRADS, Grad, Kind, LogitMap
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs a GPU or the Triton interpreter")
@@ -62,19 +62,19 @@ def test_backward_matches_float64(monkeypatch, pair, kind, dtype, bias, grad_b):
         upstream[:, Grad.LOGP_B] = 0
     if kind == Kind.NONE:
         upstream[:, Grad.DIV] = 0
-    inv_temp, beta, alpha = 0.8, 0.3, 1.6
+    logit_map, beta, alpha = LogitMap(0.8, 3.0, 1.2, 0.0), 0.3, 1.6  # the policy soft-capped
     dev = lambda x: x.to(DEV) if x is not None else None  # noqa: E731
-    stats = vs.linear_vocab_stats_fwd(dev(ha), dev(wa), dev(ba), dev(hb), dev(wb), dev(bb), dev(targets), inv_temp,
+    stats = vs.linear_vocab_stats_fwd(dev(ha), dev(wa), dev(ba), dev(hb), dev(wb), dev(bb), dev(targets), logit_map,
                                       kind, beta, alpha, True)
     needs = [True, True, bias, pair and grad_b, pair and grad_b, pair and grad_b and bias]
     got = vs.linear_vocab_stats_bwd(dev(ha), dev(wa), dev(ba), dev(hb), dev(wb), dev(bb), dev(targets), stats,
-                                    dev(upstream.float()), inv_temp, kind, beta, alpha, needs)
+                                    dev(upstream.float()), logit_map, kind, beta, alpha, needs)
 
     leaves = [x.double().requires_grad_() if x is not None else None for x in (ha, wa, ba, hb, wb, bb)]
     logits = lambda h, w, b: h @ w.T + (b if b is not None else 0.0)  # noqa: E731
     za = logits(*leaves[0:3])
     zb = logits(*leaves[3:6]) if pair else None
-    qs = ref_quantities(za, zb, targets, inv_temp, kind, beta, alpha)
+    qs = ref_quantities(za, zb, targets, logit_map, kind, beta, alpha)
     keep = (targets >= 0).double()
     loss = (keep * (upstream[:, 0] * qs[2] + upstream[:, 1] * qs[3] + upstream[:, 2] * qs[4]
                     + upstream[:, 3] * qs[5])).sum()

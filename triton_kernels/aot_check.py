@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
-from onepass._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, NUM_GRADS, NUM_STATS, Cost, Kind
+from onepass._contract import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, NUM_GRADS, NUM_STATS, Cost, Kind, LogitMap
 from onepass._dispatch import launcher
 
 #: The headline shape of the fused-linear op (docs/vocab_stats.md); meta tensors cost nothing.
@@ -93,7 +93,7 @@ def _linear_fwd(dtype, pair, kind, bias):
     def call():
         vs = launcher("vocab_stats", "triton")
         h, w, b, hb, wb, bb, t = _linear_inputs(dtype, pair, bias)
-        return vs.linear_vocab_stats_fwd(h, w, b, hb, wb, bb, t, 1.0, kind, 0.5, 0.5, True)
+        return vs.linear_vocab_stats_fwd(h, w, b, hb, wb, bb, t, LogitMap(), kind, 0.5, 0.5, True)
     return call
 
 
@@ -102,7 +102,7 @@ def _linear_grad(dtype, pair, kind, bias, write_b):
         vs = launcher("vocab_stats", "triton")
         h, w, b, hb, wb, bb, t = _linear_inputs(dtype, pair, bias)
         stats, grads = _stats_inputs()
-        return vs.linear_vocab_grad_logits(h, w, b, hb, wb, bb, t, stats, grads, 1.0, kind, 0.5, 0.5, True,
+        return vs.linear_vocab_grad_logits(h, w, b, hb, wb, bb, t, stats, grads, LogitMap(), kind, 0.5, 0.5, True,
                                            write_b)
     return call
 
@@ -113,7 +113,7 @@ def _linear_bwd(dtype, pair, kind, bias):
         vs = launcher("vocab_stats", "triton")
         h, w, b, hb, wb, bb, t = _linear_inputs(dtype, pair, bias)
         stats, grads = _stats_inputs()
-        return vs.linear_vocab_stats_bwd(h, w, b, hb, wb, bb, t, stats, grads, 1.0, kind, 0.5, 0.5, (True,) * 6)
+        return vs.linear_vocab_stats_bwd(h, w, b, hb, wb, bb, t, stats, grads, LogitMap(), kind, 0.5, 0.5, (True,) * 6)
     return call
 
 
@@ -129,7 +129,7 @@ def _logits_fwd(dtype, pair, kind):
     def call():
         vs = launcher("vocab_stats", "triton")
         a, b, t = _logits_inputs(dtype, pair)
-        return vs.vocab_stats_fwd(a, b, t, 1.0, kind, 0.5, 0.5, True)
+        return vs.vocab_stats_fwd(a, b, t, LogitMap(), kind, 0.5, 0.5, True)
     return call
 
 
@@ -138,7 +138,7 @@ def _logits_bwd(dtype, pair, kind):
         vs = launcher("vocab_stats", "triton")
         a, b, t = _logits_inputs(dtype, pair)
         stats, grads = _stats_inputs()
-        return vs.vocab_stats_bwd(a, b, t, stats, grads, 1.0, kind, 0.5, 0.5, True, pair)
+        return vs.vocab_stats_bwd(a, b, t, stats, grads, LogitMap(), kind, 0.5, 0.5, True, pair)
     return call
 
 

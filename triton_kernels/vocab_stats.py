@@ -49,6 +49,19 @@ def _expm1(x):
 
 
 @triton.jit
+def _tanh(x):
+    # |x| < 0.1: x - x³/3 + 2x⁵/15 (next term 17x⁷/315: < 1e-8 relative); else (1 - u) / (1 + u) with
+    # u = exp(-2|x|) <= 0.82 (no cancellation, never inf / inf).  Sign restored.  No IEEE division: its
+    # slow-path subroutine costs a stack frame on sm_90 (aot_check).
+    a = tl.abs(x)
+    a2 = a * a
+    u = tl.exp(-2.0 * a)
+    t = tl.where(a < 0.1, a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0))),
+                 tl.fdiv(1.0 - u, 1.0 + u, ieee_rounding=False))
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _log1p(x):
     u = 1.0 + x
     r = tl.log(u) * x / (u - 1.0)
@@ -143,10 +156,11 @@ def _phi(la, lb, p, q, beta, alpha, KIND: tl.constexpr):
 # The tile producer.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logit_tile(X, H, W, BIAS, rows, cols, row_mask, col_mask, stride_x, D, inv_temp,
+def _logit_tile(X, H, W, BIAS, rows, cols, row_mask, col_mask, stride_x, D, inv_temp, softcap,
                 LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Scaled logits z[rows, cols] * inv_temp as fp32 [BLOCK_N, BLOCK_V]; -inf outside the vocab."""
+    """Mapped logits of z[rows, cols] as fp32 [BLOCK_N, BLOCK_V]: z * inv_temp, or with a soft-cap
+    c = softcap > 0 (a runtime value) inv_temp * c * tanh(z / c); -inf outside the vocab."""
     if LINEAR:
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         for k in range(0, D, BLOCK_D):
@@ -165,8 +179,23 @@ def _logit_tile(X, H, W, BIAS, rows, cols, row_mask, col_mask, stride_x, D, inv_
     else:
         acc = tl.load(X + rows[:, None] * stride_x + cols[None, :],
                       mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    acc = acc * inv_temp
+    if softcap > 0.0:
+        acc = (inv_temp * softcap) * _tanh(acc * tl.fdiv(1.0, softcap, ieee_rounding=False))
+    else:
+        acc = acc * inv_temp
     return tl.where(col_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _map_slope(x, inv_temp, softcap):
+    """dx/dz of mapped logits x (``_logit_tile``): inv_temp, or inv_temp * (1 - tanh²) with
+    tanh = x / (inv_temp * c) under a soft-cap c > 0."""
+    if softcap > 0.0:
+        t = x * tl.fdiv(1.0, inv_temp * softcap, ieee_rounding=False)
+        slope = inv_temp * (1.0 - t * t)
+    else:
+        slope = tl.zeros_like(x) + inv_temp  # not x * 0: x = -inf (a masked entry) would give NaN
+    return slope
 
 
 @triton.jit
@@ -207,7 +236,7 @@ def _row_block(TGT, N, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _vocab_stats_fwd_kernel(
     A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS,
-    N, V, D, DB, stride_a, stride_b, inv_temp, beta, alpha,
+    N, V, D, DB, stride_a, stride_b, inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
     LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
     HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -225,7 +254,7 @@ def _vocab_stats_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
-        a = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
+        a = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
                         LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
         m_a, s_a, scale_a, e_a = _online(m_a, s_a, a)
         hit = cols[None, :] == y[:, None]
@@ -233,7 +262,7 @@ def _vocab_stats_fwd_kernel(
         if NEED_ENT:
             t_a = t_a * scale_a + tl.sum(tl.where(e_a > 0.0, e_a * a, 0.0), 1)
         if HAS_B:
-            b = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
+            b = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp_b, softcap_b,
                             LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
             m_b, s_b, scale_b, e_b = _online(m_b, s_b, b)
             y_b += tl.sum(tl.where(hit, b, 0.0), 1)
@@ -263,9 +292,9 @@ def _vocab_stats_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
-            la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
+            la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
                              LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
-            lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
+            lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp_b, softcap_b,
                              LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
             phi, phi_a, phi_b = _phi(la, lb, tl.exp(la), tl.exp(lb), beta, alpha, KIND)
             div += tl.sum(phi, 1)
@@ -297,7 +326,7 @@ def _vocab_stats_fwd_kernel(
 @triton.jit
 def _vocab_grad_kernel(
     A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS, GRADS, GA, GB,
-    N, V, D, DB, stride_a, stride_b, stride_ga, stride_gb, inv_temp, beta, alpha,
+    N, V, D, DB, stride_a, stride_b, stride_ga, stride_gb, inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
     LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
     HAS_T: tl.constexpr, KIND: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -315,16 +344,18 @@ def _vocab_grad_kernel(
     g_h = tl.load(gr + G_ENTROPY, mask=live, other=0.0)
     g_d = tl.load(gr + G_DIV, mask=live, other=0.0)
     hit = cols[None, :] == y[:, None]
-    la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp,
-                     LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
+    xa = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
+                     LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
+    la = xa - lse_a[:, None]
     p = tl.exp(la)
     p_la_h = tl.where(p > 0.0, p * (la + ent[:, None]), 0.0)
     d_a = g_la[:, None] * (tl.where(hit, 1.0, 0.0) - p) - g_h[:, None] * p_la_h
     if HAS_B:
         lse_b = tl.load(st + LSE_B, mask=live, other=0.0)
         s_b = tl.load(st + SUM_B, mask=live, other=0.0)
-        lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp,
-                         LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
+        xb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp_b, softcap_b,
+                         LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
+        lb = xb - lse_b[:, None]
         q = tl.exp(lb)
         d_b = g_lb[:, None] * (tl.where(hit, 1.0, 0.0) - q)
         if KIND != NONE:
@@ -332,11 +363,11 @@ def _vocab_grad_kernel(
             d_a += g_d[:, None] * (phi_a - p * s_a[:, None])
             d_b += g_d[:, None] * (phi_b - q * s_b[:, None])
         if WRITE_B:
-            d_b = tl.where(live[:, None], d_b * inv_temp, 0.0)
+            d_b = tl.where(live[:, None], d_b * _map_slope(xb, inv_temp_b, softcap_b), 0.0)
             tl.store(GB + rows[:, None] * stride_gb + cols[None, :], d_b.to(GB.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
     if WRITE_A:
-        d_a = tl.where(live[:, None], d_a * inv_temp, 0.0)
+        d_a = tl.where(live[:, None], d_a * _map_slope(xa, inv_temp_a, softcap_a), 0.0)
         tl.store(GA + rows[:, None] * stride_ga + cols[None, :], d_a.to(GA.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
 
@@ -377,7 +408,7 @@ def _empty_stats(n: int, device) -> torch.Tensor:
     return torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
 
 
-def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
+def vocab_stats_fwd(a, b, targets, logit_map, kind, beta, alpha, need_entropy):
     """Per-row stats [N, NUM_STATS] fp32 of logits a [N, V] (and b [N, V]); see docs/vocab_stats.md."""
     _check_dtype(a)
     n, v = a.shape
@@ -389,7 +420,8 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     _vocab_stats_fwd_kernel[(triton.cdiv(n, block_n),)](
         a, b if b is not None else dummy, dummy, dummy, dummy, dummy, dummy, dummy,
         targets if targets is not None else dummy, stats,
-        n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0, float(inv_temp), float(beta), float(alpha),
+        n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0, *map(float, logit_map), float(beta),
+        float(alpha),
         LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
         KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=True,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16, num_warps=_num_warps(b is not None),
@@ -397,7 +429,7 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     return stats
 
 
-def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
+def vocab_stats_bwd(a, b, targets, stats, grads, logit_map, kind, beta, alpha, need_grad_a, need_grad_b):
     """(dL/da, dL/db) [N, V] in the input dtype from stats [N, NUM_STATS] and upstream grads [N, NUM_GRADS]."""
     n, v = a.shape
     ga = torch.empty_like(a) if need_grad_a else None
@@ -412,7 +444,7 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
         ga if ga is not None else dummy, gb if gb is not None else dummy,
         n, v, 0, 0, a.stride(0), b.stride(0) if b is not None else 0,
         ga.stride(0) if ga is not None else 0, gb.stride(0) if gb is not None else 0,
-        float(inv_temp), float(beta), float(alpha),
+        *map(float, logit_map), float(beta), float(alpha),
         LINEAR=False, HAS_B=b is not None, HAS_BIAS_A=False, HAS_BIAS_B=False, HAS_T=targets is not None,
         KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None, DOT_F32=True,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=16, num_warps=_num_warps(b is not None),
@@ -426,7 +458,7 @@ def _dot_f32(h: torch.Tensor) -> bool:
     return h.dtype == torch.float32 or _interpreting()
 
 
-def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy):
+def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha, need_entropy):
     """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored."""
     _check_dtype(ha)
     n, d = ha.shape
@@ -441,7 +473,7 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, ki
         dummy, dummy, ha, wa, bias_a if bias_a is not None else dummy,
         hb if two else dummy, wb if two else dummy, bias_b if bias_b is not None else dummy,
         targets if targets is not None else dummy, stats,
-        n, v, d, hb.shape[1] if two else 0, 0, 0, float(inv_temp), float(beta), float(alpha),
+        n, v, d, hb.shape[1] if two else 0, 0, 0, *map(float, logit_map), float(beta), float(alpha),
         LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
         HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=_dot_f32(ha),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two),
@@ -449,7 +481,7 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, ki
     return stats
 
 
-def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
+def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind, beta,
                              alpha, need_grad_a, need_grad_b):
     """dL/dlogits for a block of rows, recomputed tile by tile from hidden @ weight.T: the chunk-sized
     gradient buffers are the only [rows, V] memory (the logits are never stored)."""
@@ -457,11 +489,12 @@ def linear_vocab_grad_logits(ha, wa, bias_a, hb, wb, bias_b, targets, stats, gra
     v = wa.shape[0]
     ga = torch.empty((n, v), dtype=ha.dtype, device=ha.device) if need_grad_a else None
     gb = torch.empty((n, v), dtype=hb.dtype, device=hb.device) if (need_grad_b and hb is not None) else None
-    _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha, ga, gb)
+    _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind, beta, alpha, ga, gb)
     return ga, gb
 
 
-def _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha, ga, gb):
+def _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind, beta, alpha, ga,
+                        gb):
     """Write dL/dlogits [n, V] of model a into ``ga`` and of model b into ``gb`` (either may be None;
     each a row-major view with unit column stride)."""
     n, d = ha.shape
@@ -477,7 +510,7 @@ def _launch_linear_grad(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, i
         targets if targets is not None else dummy, stats, grads,
         ga if ga is not None else dummy, gb if gb is not None else dummy,
         n, v, d, hb.shape[1] if two else 0, 0, 0, ga.stride(0) if ga is not None else 0, gb.stride(0) if gb is not None else 0,
-        float(inv_temp), float(beta), float(alpha),
+        *map(float, logit_map), float(beta), float(alpha),
         LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
         HAS_T=targets is not None, KIND=int(kind), WRITE_A=ga is not None, WRITE_B=gb is not None,
         DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two),
@@ -501,7 +534,7 @@ def _vocab_chunk_targets(targets, c0: int, c1: int):
     return torch.where(targets < 0, targets, torch.where(inside, targets - c0, c1 - c0)).contiguous()
 
 
-def linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta, alpha,
+def linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind, beta, alpha,
                            needs):
     """(dha, dwa, dbias_a, dhb, dwb, dbias_b) of the fused-linear vocab stats; ``needs`` says which
     (absent ones are None).  Gradients are in their input's dtype; deterministic (no atomics).
@@ -533,7 +566,7 @@ def linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads
             """dz of this side for rows x vocab columns (both models' weights cut to those columns)."""
             cut = lambda x: x[cols] if x is not None else None  # noqa: E731
             _launch_linear_grad(ha[rows], wa[cols], cut(bias_a), hb[rows] if hb is not None else None, cut(wb),
-                                cut(bias_b), t, stats[rows], grads[rows], inv_temp, kind, beta, alpha,
+                                cut(bias_b), t, stats[rows], grads[rows], logit_map, kind, beta, alpha,
                                 dz if side == 0 else None, dz if side == 1 else None)
 
         if dh is not None:

@@ -42,10 +42,18 @@ struct bf16_t {
   uint16_t x;
 };
 
+// One model's logit map (docs/vocab_stats.md): x = inv_temp * l, or with a soft-cap c > 0
+// x = post * tanh(pre * l) with pre = 1 / c, post = inv_temp * c (inv_post = 1 / post).
+template <class A>
+struct LogitMap {
+  A inv_temp, pre, post, inv_post;
+  bool capped;
+};
+
 // Scalar parameters of one launch.
 template <class A>
 struct Params {
-  A inv_temp;
+  LogitMap<A> map_a, map_b;
   A beta, alpha;
   // kind 3: log(beta), (1-beta)/beta, log(1-beta), beta/(1-beta); kind 7: 1/(1-alpha), 1/alpha
   A log_w1, r_w1, log_w2, r_w2, omb;
@@ -97,9 +105,30 @@ bool use_avx2() {
 }
 
 template <class A>
-Params<A> make_params(double inv_temp, int kind, double beta, double alpha) {
+LogitMap<A> make_map(double inv_temp, double softcap, const char* name) {
+  if (!(std::isfinite(inv_temp) && inv_temp > 0.0))
+    throw std::invalid_argument(std::string("vocab_stats (cpu): inv_temp_") + name + " must be finite and > 0, got " +
+                                std::to_string(inv_temp));
+  if (!(std::isfinite(softcap) && softcap >= 0.0))
+    throw std::invalid_argument(std::string("vocab_stats (cpu): softcap_") + name +
+                                " must be finite and >= 0 (0 = no cap), got " + std::to_string(softcap));
+  LogitMap<A> m{};
+  m.inv_temp = static_cast<A>(inv_temp);
+  m.capped = softcap > 0.0;
+  if (m.capped) {
+    m.pre = static_cast<A>(1.0 / softcap);
+    m.post = static_cast<A>(inv_temp * softcap);
+    m.inv_post = static_cast<A>(1.0 / (inv_temp * softcap));
+  }
+  return m;
+}
+
+template <class A>
+Params<A> make_params(double inv_temp_a, double softcap_a, double inv_temp_b, double softcap_b, int kind,
+                      double beta, double alpha) {
   Params<A> P{};
-  P.inv_temp = static_cast<A>(inv_temp);
+  P.map_a = make_map<A>(inv_temp_a, softcap_a, "a");
+  P.map_b = make_map<A>(inv_temp_b, softcap_b, "b");
   P.beta = static_cast<A>(beta);
   P.alpha = static_cast<A>(alpha);
   if (kind == kJSD) {
@@ -161,19 +190,20 @@ void bwd_typed(uintptr_t a, uintptr_t b, uintptr_t tg, uintptr_t st, uintptr_t g
 }
 
 void vocab_stats_fwd_cpu(uintptr_t a, uintptr_t b, uintptr_t targets, uintptr_t stats, int64_t N, int64_t V,
-                         int dtype, double inv_temp, int kind, double beta, double alpha, bool need_entropy) {
+                         int dtype, double inv_temp_a, double softcap_a, double inv_temp_b, double softcap_b,
+                         int kind, double beta, double alpha, bool need_entropy) {
   check_kind_dtype(kind, dtype);
   if (N < 0 || V < 0) throw std::invalid_argument("vocab_stats_fwd_cpu: negative size");
   if (a == 0 || stats == 0) throw std::invalid_argument("vocab_stats_fwd_cpu: a and stats are required");
   if (kind != kNone && b == 0) throw std::invalid_argument("vocab_stats_fwd_cpu: a divergence kind needs b");
   if (N == 0) return;
   if (dtype == kFloat64) {
-    auto P = make_params<double>(inv_temp, kind, beta, alpha);
+    auto P = make_params<double>(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha);
     py::gil_scoped_release nogil;
     fwd_typed<double, double>(a, b, targets, stats, N, V, P, kind, need_entropy);
     return;
   }
-  auto P = make_params<float>(inv_temp, kind, beta, alpha);
+  auto P = make_params<float>(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha);
   py::gil_scoped_release nogil;
   switch (dtype) {
     case kFloat32: fwd_typed<float, float>(a, b, targets, stats, N, V, P, kind, need_entropy); break;
@@ -183,8 +213,8 @@ void vocab_stats_fwd_cpu(uintptr_t a, uintptr_t b, uintptr_t targets, uintptr_t 
 }
 
 void vocab_stats_bwd_cpu(uintptr_t a, uintptr_t b, uintptr_t targets, uintptr_t stats, uintptr_t grads,
-                         uintptr_t grad_a, uintptr_t grad_b, int64_t N, int64_t V, int dtype, double inv_temp,
-                         int kind, double beta, double alpha) {
+                         uintptr_t grad_a, uintptr_t grad_b, int64_t N, int64_t V, int dtype, double inv_temp_a,
+                         double softcap_a, double inv_temp_b, double softcap_b, int kind, double beta, double alpha) {
   check_kind_dtype(kind, dtype);
   if (N < 0 || V < 0) throw std::invalid_argument("vocab_stats_bwd_cpu: negative size");
   if (a == 0 || stats == 0 || grads == 0)
@@ -193,12 +223,12 @@ void vocab_stats_bwd_cpu(uintptr_t a, uintptr_t b, uintptr_t targets, uintptr_t 
     throw std::invalid_argument("vocab_stats_bwd_cpu: a divergence kind or grad_b needs b");
   if (N == 0 || (grad_a == 0 && grad_b == 0)) return;
   if (dtype == kFloat64) {
-    auto P = make_params<double>(inv_temp, kind, beta, alpha);
+    auto P = make_params<double>(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha);
     py::gil_scoped_release nogil;
     bwd_typed<double, double>(a, b, targets, stats, grads, grad_a, grad_b, N, V, P, kind);
     return;
   }
-  auto P = make_params<float>(inv_temp, kind, beta, alpha);
+  auto P = make_params<float>(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha);
   py::gil_scoped_release nogil;
   switch (dtype) {
     case kFloat32: bwd_typed<float, float>(a, b, targets, stats, grads, grad_a, grad_b, N, V, P, kind); break;
@@ -209,13 +239,15 @@ void vocab_stats_bwd_cpu(uintptr_t a, uintptr_t b, uintptr_t targets, uintptr_t 
 
 void register_vocab_stats_cpu(py::module_& m) {
   m.def("vocab_stats_fwd_cpu", &vocab_stats_fwd_cpu, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("targets_ptr"),
-        py::arg("stats_ptr"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp"), py::arg("kind"),
-        py::arg("beta"), py::arg("alpha"), py::arg("need_entropy"),
+        py::arg("stats_ptr"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp_a"),
+        py::arg("softcap_a"), py::arg("inv_temp_b"), py::arg("softcap_b"), py::arg("kind"), py::arg("beta"),
+        py::arg("alpha"), py::arg("need_entropy"),
         "Vocab-stats forward on CPU: writes stats[N, 8] (docs/vocab_stats.md). Pointers are raw addresses "
         "(0 = absent); dtype is the code of csrc/common.h.");
   m.def("vocab_stats_bwd_cpu", &vocab_stats_bwd_cpu, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("targets_ptr"),
         py::arg("stats_ptr"), py::arg("grads_ptr"), py::arg("grad_a_ptr"), py::arg("grad_b_ptr"), py::arg("N"),
-        py::arg("V"), py::arg("dtype"), py::arg("inv_temp"), py::arg("kind"), py::arg("beta"), py::arg("alpha"),
+        py::arg("V"), py::arg("dtype"), py::arg("inv_temp_a"), py::arg("softcap_a"), py::arg("inv_temp_b"),
+        py::arg("softcap_b"), py::arg("kind"), py::arg("beta"), py::arg("alpha"),
         "Vocab-stats backward on CPU: writes grad_a / grad_b [N, V] (0 = not written).");
 }
 
@@ -355,6 +387,14 @@ OP_INLINE double expm1_u(double x, double) { return std::expm1(x); }
 OP_INLINE float vexpm1(float x) { return expm1_u(x, vexp(x)); }
 OP_INLINE double vexpm1(double x) { return std::expm1(x); }
 
+// tanh(x) = -e / (2 + e) with e = expm1(-2|x|) in (-1, 0], signed: exact near 0, never inf / inf.
+OP_INLINE float vtanh(float x) {
+  const float e = vexpm1(-2.0f * vabs(x));
+  const float t = -e / (2.0f + e);
+  return as_f(as_u(t) | (as_u(x) & 0x80000000u));
+}
+OP_INLINE double vtanh(double x) { return std::tanh(x); }
+
 OP_INLINE float vlog1p(float x) {
   // Kahan: u = 1 + x; x if u == 1 else log(u) x / (u - 1).
   const float u = 1.0f + x;
@@ -471,16 +511,34 @@ OP_INLINE void phi_fn(A la, A lb, A p, A q, const Params<A>& P, A& phi, A& pa, A
 }
 
 // ---------------------------------------------------------------- block loading
-// Loads entries [v0, v0 + n) of row z, scaled by inv_temp, into buf[0, kBlock), padding with -inf.
+// One raw logit through a model's map (capped: post * tanh(pre * l)).
+template <class A>
+OP_INLINE A map_logit(A l, const LogitMap<A>& m, bool capped) {
+  return capped ? m.post * vtanh(l * m.pre) : l * m.inv_temp;
+}
+
+// Loads entries [v0, v0 + n) of row z, through the logit map m, into buf[0, kBlock), padding with -inf.
 template <class T, class A>
-OP_INLINE void load_block(const T* __restrict z, int64_t v0, int64_t n, A inv_temp, A* __restrict buf) {
-  if (n == kBlock) {
+OP_INLINE void load_block(const T* __restrict z, int64_t v0, int64_t n, const LogitMap<A>& m, A* __restrict buf) {
+  if (m.capped) {
+    for (int64_t i = n; i < kBlock; ++i) buf[i] = -std::numeric_limits<A>::infinity();
 #pragma omp simd
-    for (int64_t i = 0; i < kBlock; ++i) buf[i] = to_acc(z[v0 + i]) * inv_temp;
+    for (int64_t i = 0; i < n; ++i) buf[i] = map_logit(to_acc(z[v0 + i]), m, true);
+  } else if (n == kBlock) {
+#pragma omp simd
+    for (int64_t i = 0; i < kBlock; ++i) buf[i] = map_logit(to_acc(z[v0 + i]), m, false);
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = to_acc(z[v0 + i]) * inv_temp;
+    for (int64_t i = 0; i < n; ++i) buf[i] = map_logit(to_acc(z[v0 + i]), m, false);
     for (int64_t i = n; i < kBlock; ++i) buf[i] = -std::numeric_limits<A>::infinity();
   }
+}
+
+// dx/dl of a mapped logit x: inv_temp, or inv_temp * (1 - tanh^2) with tanh = x / post when capped.
+template <class A>
+OP_INLINE A map_slope(A x, const LogitMap<A>& m) {
+  if (!m.capped) return m.inv_temp;
+  const A t = x * m.inv_post;
+  return m.inv_temp * (A(1) - t * t);
 }
 
 // Online accumulator of one side: m, s = sum e^{x - m}, t = sum e^{x - m} (x - m), k = kl sum.
@@ -514,14 +572,15 @@ struct Online {
 #define OP_NOINLINE __attribute__((noinline))
 
 template <class T, class A, int MODE, bool ENT>
-OP_NOINLINE void sweep1(const T* __restrict ar, const T* __restrict br, int64_t V, A inv_temp, Online& oa, Online& ob) {
+OP_NOINLINE void sweep1(const T* __restrict ar, const T* __restrict br, int64_t V, const Params<A>& P, Online& oa,
+                        Online& ob) {
   alignas(64) A xa[kBlock];
   alignas(64) A xb[kBlock];
   const A ninf = -std::numeric_limits<A>::infinity();
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t n = V - v0 < kBlock ? V - v0 : kBlock;
-    load_block(ar, v0, n, inv_temp, xa);
-    if (MODE >= 1) load_block(br, v0, n, inv_temp, xb);
+    load_block(ar, v0, n, P.map_a, xa);
+    if (MODE >= 1) load_block(br, v0, n, P.map_b, xb);
     A bma = ninf, bmb = ninf;
 #pragma omp simd reduction(max : bma)
     for (int64_t i = 0; i < kBlock; ++i) bma = vmax(bma, xa[i]);
@@ -568,8 +627,8 @@ OP_NOINLINE void sweep2(const T* __restrict ar, const T* __restrict br, int64_t 
   D = Sa = Sb = 0.0;
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t n = V - v0 < kBlock ? V - v0 : kBlock;
-    load_block(ar, v0, n, P.inv_temp, xa);
-    load_block(br, v0, n, P.inv_temp, xb);
+    load_block(ar, v0, n, P.map_a, xa);
+    load_block(br, v0, n, P.map_b, xb);
     alignas(64) A t0[kBlock];
     alignas(64) A t1[kBlock];
     alignas(64) A t2[kBlock];
@@ -611,7 +670,7 @@ void fwd_impl(const T* a, const T* b, const int64_t* tg, A* stats, int64_t N, in
     const T* ar = a + r * V;
     const T* br = MODE >= 1 ? b + r * V : nullptr;
     Online oa, ob;
-    sweep1<T, A, MODE, ENT>(ar, br, V, P.inv_temp, oa, ob);
+    sweep1<T, A, MODE, ENT>(ar, br, V, P, oa, ob);
     const double log_sa = std::log(oa.s);
     const double lse_a = oa.m + log_sa;
     const double log_sb = MODE >= 1 ? std::log(ob.s) : 0.0;
@@ -620,8 +679,8 @@ void fwd_impl(const T* a, const T* b, const int64_t* tg, A* stats, int64_t N, in
     if (tg && y >= V) {  // out of range (unchecked under torch.compile): NaN, never a read past the row
       logp_a = logp_b = std::numeric_limits<double>::quiet_NaN();
     } else if (tg) {
-      logp_a = static_cast<double>(to_acc(ar[y]) * P.inv_temp) - lse_a;
-      if (MODE >= 1) logp_b = static_cast<double>(to_acc(br[y]) * P.inv_temp) - lse_b;
+      logp_a = static_cast<double>(map_logit(to_acc(ar[y]), P.map_a, P.map_a.capped)) - lse_a;
+      if (MODE >= 1) logp_b = static_cast<double>(map_logit(to_acc(br[y]), P.map_b, P.map_b.capped)) - lse_b;
     }
     const double H = ENT ? log_sa - oa.t / oa.s : 0.0;
     double D = 0.0, Sa = 0.0, Sb = 0.0;
@@ -676,6 +735,18 @@ void fwd(const T* a, const T* b, const int64_t* tg, A* stats, int64_t N, int64_t
 }
 
 // ---------------------------------------------------------------- backward
+// out[i] = dL/dl_i = dL/dx_i * dx_i/dl_i for the n entries of one block (x: the mapped logits).
+template <class T, class A>
+OP_INLINE void store_grad_block(T* __restrict out, int64_t n, const A* __restrict dx, const A* __restrict x,
+                                const LogitMap<A>& m) {
+  if (n == kBlock) {
+#pragma omp simd
+    for (int64_t i = 0; i < kBlock; ++i) store(out[i], dx[i] * map_slope(x[i], m));
+  } else {
+    for (int64_t i = 0; i < n; ++i) store(out[i], dx[i] * map_slope(x[i], m));
+  }
+}
+
 template <class T, class A, int KIND, bool HAS_B, bool DIV>
 OP_NOINLINE void bwd_row(const T* __restrict ar, const T* __restrict br, int64_t y, const A* st, const A* g,
              T* __restrict ga, T* __restrict gb, int64_t V, const Params<A>& P) {
@@ -685,11 +756,10 @@ OP_NOINLINE void bwd_row(const T* __restrict ar, const T* __restrict br, int64_t
   alignas(64) A ob[kBlock];
   const A lse_a = st[kLseA], lse_b = st[kLseB], H = st[kEntropyA], Sa = st[kSumA], Sb = st[kSumB];
   const A g_lpa = g[kGradLogpA], g_lpb = g[kGradLogpB], g_h = g[kGradEntropyA], g_d = g[kGradDiv];
-  const A it = P.inv_temp;
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t n = V - v0 < kBlock ? V - v0 : kBlock;
-    load_block(ar, v0, n, it, xa);
-    if (HAS_B) load_block(br, v0, n, it, xb);
+    load_block(ar, v0, n, P.map_a, xa);
+    if (HAS_B) load_block(br, v0, n, P.map_b, xb);
 #pragma omp simd
     for (int64_t i = 0; i < kBlock; ++i) {
       const A la = xa[i] - lse_a;
@@ -713,24 +783,8 @@ OP_NOINLINE void bwd_row(const T* __restrict ar, const T* __restrict br, int64_t
       oa[y - v0] += g_lpa;
       if (HAS_B) ob[y - v0] += g_lpb;
     }
-    if (ga) {
-      T* out = ga + v0;
-      if (n == kBlock) {
-#pragma omp simd
-        for (int64_t i = 0; i < kBlock; ++i) store(out[i], oa[i] * it);
-      } else {
-        for (int64_t i = 0; i < n; ++i) store(out[i], oa[i] * it);
-      }
-    }
-    if (HAS_B && gb) {
-      T* out = gb + v0;
-      if (n == kBlock) {
-#pragma omp simd
-        for (int64_t i = 0; i < kBlock; ++i) store(out[i], ob[i] * it);
-      } else {
-        for (int64_t i = 0; i < n; ++i) store(out[i], ob[i] * it);
-      }
-    }
+    if (ga) store_grad_block(ga + v0, n, oa, xa, P.map_a);
+    if (HAS_B && gb) store_grad_block(gb + v0, n, ob, xb, P.map_b);
   }
 }
 

@@ -61,8 +61,15 @@ using Int = std::integral_constant<int, N>;
 // ------------------------------------------------------------------------------------------------
 // Runtime parameters (beta, alpha and the constants derived from them, computed on the host in
 // double precision).  Never compile-time constants.
+// One model's logit map (docs/vocab_stats.md): x = inv_temp * l, or with a soft-cap c > 0
+// x = post * tanh(pre * l), pre = 1 / c, post = inv_temp * c (inv_post = 1 / post).
+struct LogitMap {
+  float inv_temp, pre, post, inv_post;
+  int capped;
+};
+
 struct Params {
-  float inv_temp;
+  LogitMap map_a, map_b;
   // jsd: J(lb - la, beta) and J(la - lb, 1 - beta); coefficients (1 - beta), beta.
   float w_a, logw_a, r_a;  // w = beta,     log(beta),     (1 - beta) / beta
   float w_b, logw_b, r_b;  // w = 1 - beta, log(1 - beta), beta / (1 - beta)
@@ -105,19 +112,41 @@ __device__ __forceinline__ void from_f2(float x, float y, __nv_bfloat162* out) {
 template <typename T>
 using pair_t = typename std::conditional<std::is_same<T, __half>::value, __half2, __nv_bfloat162>::type;
 
-// Load W consecutive entries p[0..W) (W = 1 or the vector width; p 16-byte aligned when W > 1) and
-// scale them by s.
+// tanh without tanhf (which --use_fast_math may turn into tanh.approx, ~5e-4 relative): |x| < 0.1:
+// x - x^3/3 + 2x^5/15 (next term 17x^7/315 < 1e-8 relative), else (1 - u) / (1 + u), u = exp(-2|x|) <= 0.82.
+__device__ __forceinline__ float tanh_acc(float x) {
+  const float a = fabsf(x);
+  const float a2 = a * a;
+  const float u = expf(-2.0f * a);
+  const float t = a < 0.1f ? a * (1.0f - a2 * (1.0f / 3.0f - a2 * (2.0f / 15.0f))) : (1.0f - u) / (1.0f + u);
+  return copysignf(t, x);
+}
+
+// A raw logit through a model's logit map.
+__device__ __forceinline__ float map_logit(float l, const LogitMap& m) {
+  return m.capped ? m.post * tanh_acc(l * m.pre) : l * m.inv_temp;
+}
+
+// dx/dl of a mapped logit x: inv_temp, or inv_temp * (1 - tanh^2) with tanh = x / post when capped.
+__device__ __forceinline__ float map_slope(float x, const LogitMap& m) {
+  if (!m.capped) return m.inv_temp;
+  const float t = x * m.inv_post;
+  return m.inv_temp * (1.0f - t * t);
+}
+
+// Load W consecutive entries p[0..W) (W = 1 or the vector width; p 16-byte aligned when W > 1)
+// through the logit map s.
 template <typename T, int W>
-__device__ __forceinline__ void load_scaled(const T* __restrict__ p, float (&x)[W], float s) {
+__device__ __forceinline__ void load_mapped(const T* __restrict__ p, float (&x)[W], const LogitMap& s) {
   if constexpr (W == 1) {
-    x[0] = Traits<T>::to_f(p[0]) * s;
+    x[0] = map_logit(Traits<T>::to_f(p[0]), s);
   } else if constexpr (std::is_same<T, float>::value) {
     static_assert(W == 4, "fp32 vector width is 4");
     const float4 v = __ldg(reinterpret_cast<const float4*>(p));
-    x[0] = v.x * s;
-    x[1] = v.y * s;
-    x[2] = v.z * s;
-    x[3] = v.w * s;
+    x[0] = map_logit(v.x, s);
+    x[1] = map_logit(v.y, s);
+    x[2] = map_logit(v.z, s);
+    x[3] = map_logit(v.w, s);
   } else {
     static_assert(W == 8, "16-bit vector width is 8");
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
@@ -125,8 +154,8 @@ __device__ __forceinline__ void load_scaled(const T* __restrict__ p, float (&x)[
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float2 f = to_f2(h[i]);
-      x[2 * i] = f.x * s;
-      x[2 * i + 1] = f.y * s;
+      x[2 * i] = map_logit(f.x, s);
+      x[2 * i + 1] = map_logit(f.y, s);
     }
   }
 }
@@ -266,7 +295,7 @@ OP_HD void phi(float la, float lb, float p, float q, const Params& P, float& f,
   }
 }
 
-// Gradient of one entry (the g's already multiplied by inv_temp):
+// Gradient of one entry w.r.t. the mapped logits (the caller applies the map's slope):
 //   grad_a = g_lp (1[v=y] - p) - g_H p (la + H) + g_D (phi_a - p S_a)
 //   grad_b = g_lpb (1[v=y] - q) + g_D (phi_b - q S_b)
 // A term whose upstream gradient is 0 is skipped (no 0 * inf), p (la + H) is 0 where p = 0.
@@ -425,7 +454,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr bool kSweep2 = KIND >= kJSD;
   __shared__ Acc sh_acc[33];
   __shared__ float sh_sum[99];
-  const float it = P.inv_temp;
 
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     float* out = stats + row * kNumStats;
@@ -444,10 +472,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     for_row<VEC>(V, vec, head, [&](auto w, int64_t idx) {
       constexpr int W = decltype(w)::value;
       float xa[W];
-      load_scaled<T, W>(ar + idx, xa, it);
+      load_mapped<T, W>(ar + idx, xa, P.map_a);
       if constexpr (HAS_B) {
         float xb[W];
-        load_scaled<T, W>(br + idx, xb, it);
+        load_mapped<T, W>(br + idx, xb, P.map_b);
         acc_update<W, NEED_ENT, KIND == kReverseKL>(A, xa, xb);
         acc_update<W, false, KIND == kForwardKL>(B, xb, xa);
       } else {
@@ -471,8 +499,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       for_row<VEC>(V, vec, head, [&](auto w, int64_t idx) {
         constexpr int W = decltype(w)::value;
         float xa[W], xb[W];
-        load_scaled<T, W>(ar + idx, xa, it);
-        load_scaled<T, W>(br + idx, xb, it);
+        load_mapped<T, W>(ar + idx, xa, P.map_a);
+        load_mapped<T, W>(br + idx, xb, P.map_b);
 #pragma unroll
         for (int i = 0; i < W; ++i) {
           float la, p, lb, q, f, fa, fb;
@@ -498,8 +526,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       float lp_a = 0.0f, lp_b = 0.0f;
       if (targets) {
         if (y < V) {
-          lp_a = Traits<T>::to_f(ar[y]) * it - lse_a;  // NaN in an all -inf row
-          if constexpr (HAS_B) lp_b = Traits<T>::to_f(br[y]) * it - lse_b;
+          lp_a = map_logit(Traits<T>::to_f(ar[y]), P.map_a) - lse_a;  // NaN in an all -inf row
+          if constexpr (HAS_B) lp_b = map_logit(Traits<T>::to_f(br[y]), P.map_b) - lse_b;
         } else {  // out-of-range target (the Python layer validates; never read out of bounds)
           lp_a = __int_as_float(0x7fc00000);
           lp_b = HAS_B ? lp_a : 0.0f;
@@ -526,7 +554,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                            const float* __restrict__ grads, T* __restrict__ grad_a,
                            T* __restrict__ grad_b, int64_t N, int64_t V, Params P, bool vec) {
   constexpr int VEC = Traits<T>::kVec;
-  const float it = P.inv_temp;
   // a is needed for grad_a and, for a divergence, for grad_b; b likewise.
   const bool load_a = grad_a != nullptr || KIND != kNone;
   const bool load_b = HAS_B && (grad_b != nullptr || KIND != kNone);
@@ -559,22 +586,22 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float Sa = st[kSumA];
     const float Sb = st[kSumB];
     // Without targets the log-prob statistics are the constant 0: no gradient through them.
-    const float g_lpa = targets ? g[kGradLogpA] * it : 0.0f;
-    const float g_lpb = targets ? g[kGradLogpB] * it : 0.0f;
-    const float g_h = g[kGradEntropyA] * it;
-    const float g_d = g[kGradDiv] * it;
+    const float g_lpa = targets ? g[kGradLogpA] : 0.0f;
+    const float g_lpb = targets ? g[kGradLogpB] : 0.0f;
+    const float g_h = g[kGradEntropyA];
+    const float g_d = g[kGradDiv];
 
     for_row<VEC>(V, vec, head, [&](auto w, int64_t idx) {
       constexpr int W = decltype(w)::value;
       float xa[W], xb[W];
       if (load_a) {
-        load_scaled<T, W>(ar + idx, xa, it);
+        load_mapped<T, W>(ar + idx, xa, P.map_a);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) xa[i] = OP_NEG_INF;
       }
       if (load_b) {
-        load_scaled<T, W>(br + idx, xb, it);
+        load_mapped<T, W>(br + idx, xb, P.map_b);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) xb[i] = OP_NEG_INF;
@@ -587,6 +614,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         logprob(xb[i], lse_b, lb, q);
         phi<KIND, false>(la, lb, p, q, P, f, fa, fb);
         grad_entry<KIND>(la, p, lb, q, fa, fb, idx + i == y, H, Sa, Sb, g_lpa, g_lpb, g_h, g_d, oa[i], ob[i]);
+        oa[i] *= map_slope(xa[i], P.map_a);  // dL/dx -> dL/dl (chain rule through the logit map)
+        ob[i] *= map_slope(xb[i], P.map_b);
       }
       if (gar) store<T, W>(gar + idx, oa);
       if (gbr) store<T, W>(gbr + idx, ob);
@@ -597,9 +626,24 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ------------------------------------------------------------------------------------------------
 // Host side.
 
-bool make_params(float inv_temp, int kind, float beta, float alpha, Params* P) {
+bool make_map(float inv_temp, float softcap, LogitMap* m) {
+  if (!(std::isfinite(inv_temp) && inv_temp > 0.0f && std::isfinite(softcap) && softcap >= 0.0f)) return false;
+  *m = LogitMap{};
+  m->inv_temp = inv_temp;
+  m->capped = softcap > 0.0f ? 1 : 0;
+  if (m->capped) {
+    const double post = static_cast<double>(inv_temp) * softcap;
+    m->pre = static_cast<float>(1.0 / softcap);
+    m->post = static_cast<float>(post);
+    m->inv_post = static_cast<float>(1.0 / post);
+  }
+  return true;
+}
+
+bool make_params(float inv_temp_a, float softcap_a, float inv_temp_b, float softcap_b, int kind, float beta,
+                 float alpha, Params* P) {
   *P = Params{};
-  P->inv_temp = inv_temp;
+  if (!make_map(inv_temp_a, softcap_a, &P->map_a) || !make_map(inv_temp_b, softcap_b, &P->map_b)) return false;
   const double be = beta, al = alpha;
   if (kind == kJSD) {
     if (!(be > 0.0 && be < 1.0)) return false;
@@ -724,12 +768,13 @@ cudaError_t bwd_typed(const void* a, const void* b, const int64_t* targets, cons
 }  // namespace
 
 cudaError_t vocab_stats_fwd(const void* a, const void* b, const int64_t* targets, float* stats,
-                            int64_t N, int64_t V, int dtype, float inv_temp, int kind, float beta,
-                            float alpha, bool need_entropy, uintptr_t stream) {
+                            int64_t N, int64_t V, int dtype, float inv_temp_a, float softcap_a,
+                            float inv_temp_b, float softcap_b, int kind, float beta, float alpha,
+                            bool need_entropy, uintptr_t stream) {
   if (N < 0 || V < 0 || !valid_kind(kind)) return cudaErrorInvalidValue;
   if (kind != kNone && !b) return cudaErrorInvalidValue;
   Params P;
-  if (!make_params(inv_temp, kind, beta, alpha, &P)) return cudaErrorInvalidValue;
+  if (!make_params(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha, &P)) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   if (!a || !stats) return cudaErrorInvalidValue;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -743,12 +788,12 @@ cudaError_t vocab_stats_fwd(const void* a, const void* b, const int64_t* targets
 
 cudaError_t vocab_stats_bwd(const void* a, const void* b, const int64_t* targets, const float* stats,
                             const float* grads, void* grad_a, void* grad_b, int64_t N, int64_t V,
-                            int dtype, float inv_temp, int kind, float beta, float alpha,
-                            uintptr_t stream) {
+                            int dtype, float inv_temp_a, float softcap_a, float inv_temp_b,
+                            float softcap_b, int kind, float beta, float alpha, uintptr_t stream) {
   if (N < 0 || V < 0 || !valid_kind(kind)) return cudaErrorInvalidValue;
   if ((kind != kNone || grad_b) && !b) return cudaErrorInvalidValue;
   Params P;
-  if (!make_params(inv_temp, kind, beta, alpha, &P)) return cudaErrorInvalidValue;
+  if (!make_params(inv_temp_a, softcap_a, inv_temp_b, softcap_b, kind, beta, alpha, &P)) return cudaErrorInvalidValue;
   if (N == 0 || (!grad_a && !grad_b)) return cudaSuccess;
   if (!a || !stats || !grads) return cudaErrorInvalidValue;
   const auto s = reinterpret_cast<cudaStream_t>(stream);

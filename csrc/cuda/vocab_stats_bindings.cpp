@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -64,6 +65,17 @@ void check_args(const char* fn, int64_t N, int64_t V, int dtype, int kind, doubl
                           std::to_string(alpha));
 }
 
+// Each model's logit map: inv_temp finite > 0, softcap finite >= 0 (0 = no cap).
+void check_maps(const char* fn, double inv_temp_a, double softcap_a, double inv_temp_b, double softcap_b) {
+  const std::string where = std::string("onepass CUDA backend: ") + fn + ": ";
+  for (double it : {inv_temp_a, inv_temp_b})
+    if (!(std::isfinite(it) && it > 0.0))
+      throw py::value_error(where + "inv_temp must be finite and > 0, got " + std::to_string(it));
+  for (double c : {softcap_a, softcap_b})
+    if (!(std::isfinite(c) && c >= 0.0))
+      throw py::value_error(where + "softcap must be finite and >= 0 (0 = no cap), got " + std::to_string(c));
+}
+
 void check_launch(const char* fn, cudaError_t e) {
   if (e == cudaSuccess) return;
   if (e == cudaErrorInvalidValue)
@@ -74,10 +86,11 @@ void check_launch(const char* fn, cudaError_t e) {
 }
 
 void fwd(uintptr_t a_ptr, uintptr_t b_ptr, uintptr_t targets_ptr, uintptr_t stats_ptr, int64_t N,
-         int64_t V, int dtype, double inv_temp, int kind, double beta, double alpha,
-         bool need_entropy, uintptr_t stream) {
+         int64_t V, int dtype, double inv_temp_a, double softcap_a, double inv_temp_b, double softcap_b,
+         int kind, double beta, double alpha, bool need_entropy, uintptr_t stream) {
   constexpr const char* fn = "vocab_stats_fwd_cuda";
   check_args(fn, N, V, dtype, kind, beta, alpha);
+  check_maps(fn, inv_temp_a, softcap_a, inv_temp_b, softcap_b);
   if (kind != kNone && b_ptr == 0)
     throw py::value_error(std::string("onepass CUDA backend: ") + fn + ": kind " +
                           std::to_string(kind) + " needs b (the reference / teacher logits)");
@@ -91,17 +104,20 @@ void fwd(uintptr_t a_ptr, uintptr_t b_ptr, uintptr_t targets_ptr, uintptr_t stat
     e = cuda::vocab_stats_fwd(reinterpret_cast<const void*>(a_ptr), reinterpret_cast<const void*>(b_ptr),
                               reinterpret_cast<const int64_t*>(targets_ptr),
                               reinterpret_cast<float*>(stats_ptr), N, V, dtype,
-                              static_cast<float>(inv_temp), kind, static_cast<float>(beta),
-                              static_cast<float>(alpha), need_entropy, stream);
+                              static_cast<float>(inv_temp_a), static_cast<float>(softcap_a),
+                              static_cast<float>(inv_temp_b), static_cast<float>(softcap_b), kind,
+                              static_cast<float>(beta), static_cast<float>(alpha), need_entropy, stream);
   }
   check_launch(fn, e);
 }
 
 void bwd(uintptr_t a_ptr, uintptr_t b_ptr, uintptr_t targets_ptr, uintptr_t stats_ptr,
          uintptr_t grads_ptr, uintptr_t grad_a_ptr, uintptr_t grad_b_ptr, int64_t N, int64_t V,
-         int dtype, double inv_temp, int kind, double beta, double alpha, uintptr_t stream) {
+         int dtype, double inv_temp_a, double softcap_a, double inv_temp_b, double softcap_b, int kind,
+         double beta, double alpha, uintptr_t stream) {
   constexpr const char* fn = "vocab_stats_bwd_cuda";
   check_args(fn, N, V, dtype, kind, beta, alpha);
+  check_maps(fn, inv_temp_a, softcap_a, inv_temp_b, softcap_b);
   if ((kind != kNone || grad_b_ptr != 0) && b_ptr == 0)
     throw py::value_error(std::string("onepass CUDA backend: ") + fn +
                           ": b is needed for a divergence kind or for grad_b");
@@ -118,7 +134,8 @@ void bwd(uintptr_t a_ptr, uintptr_t b_ptr, uintptr_t targets_ptr, uintptr_t stat
                               reinterpret_cast<const float*>(stats_ptr),
                               reinterpret_cast<const float*>(grads_ptr),
                               reinterpret_cast<void*>(grad_a_ptr), reinterpret_cast<void*>(grad_b_ptr),
-                              N, V, dtype, static_cast<float>(inv_temp), kind,
+                              N, V, dtype, static_cast<float>(inv_temp_a), static_cast<float>(softcap_a),
+                              static_cast<float>(inv_temp_b), static_cast<float>(softcap_b), kind,
                               static_cast<float>(beta), static_cast<float>(alpha), stream);
   }
   check_launch(fn, e);
@@ -126,15 +143,17 @@ void bwd(uintptr_t a_ptr, uintptr_t b_ptr, uintptr_t targets_ptr, uintptr_t stat
 
 void register_vocab_stats_cuda(py::module_& m) {
   m.def("vocab_stats_fwd_cuda", &fwd, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("targets_ptr"),
-        py::arg("stats_ptr"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp"),
-        py::arg("kind"), py::arg("beta"), py::arg("alpha"), py::arg("need_entropy"),
+        py::arg("stats_ptr"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp_a"),
+        py::arg("softcap_a"), py::arg("inv_temp_b"), py::arg("softcap_b"), py::arg("kind"), py::arg("beta"),
+        py::arg("alpha"), py::arg("need_entropy"),
         py::arg("stream"),
         "CUDA vocab-stats forward (docs/vocab_stats.md): writes stats [N, 8] fp32. Pointers are "
         "integers (0 = absent b / targets); enqueued on `stream` (a cudaStream_t as integer).");
   m.def("vocab_stats_bwd_cuda", &bwd, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("targets_ptr"),
         py::arg("stats_ptr"), py::arg("grads_ptr"), py::arg("grad_a_ptr"), py::arg("grad_b_ptr"),
-        py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp"), py::arg("kind"),
-        py::arg("beta"), py::arg("alpha"), py::arg("stream"),
+        py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("inv_temp_a"), py::arg("softcap_a"),
+        py::arg("inv_temp_b"), py::arg("softcap_b"), py::arg("kind"), py::arg("beta"), py::arg("alpha"),
+        py::arg("stream"),
         "CUDA vocab-stats backward (docs/vocab_stats.md): writes grad_a / grad_b [N, V] in the "
         "input dtype (0 = not written).");
   m.def("cuda_device_count", &device_count,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -114,6 +115,46 @@ def hyperparameters(*values: float) -> Tensor:
     a tensor input is not.  Built as ``ones * value``, which torch.compile's float-to-tensor pass keeps
     symbolic (``torch.tensor([value])`` would bake the value into the graph)."""
     return torch.cat([torch.ones(1, dtype=torch.float64) * v for v in values])
+
+
+class LogitMap(NamedTuple):
+    """The kernels' per-model map of a raw logit ℓ (loaded or computed from hidden @ weight.T + bias) to
+    the logit the softmax sees:
+
+        a = inv_temp_a · softcap_a · tanh(ℓ / softcap_a)   (a = inv_temp_a · ℓ when softcap_a = 0)
+
+    and b likewise with ``inv_temp_b``, ``softcap_b`` (a = policy / student, b = reference / teacher).
+    The public keywords map to it by ``from_public``: logit scale s, soft-cap c, temperature T give
+    c·tanh(s·ℓ/c)/T, the order of HF's Gemma-2/Cohere heads and TRL's chunked kernels (scale, cap,
+    then temperature).  The four floats are runtime values of every kernel (docs/vocab_stats.md)."""
+
+    inv_temp_a: float = 1.0
+    softcap_a: float = 0.0
+    inv_temp_b: float = 1.0
+    softcap_b: float = 0.0
+
+    def apply(self, z: Tensor, model: int = 0) -> Tensor:
+        """The map of model ``model`` (0 = a, 1 = b) on raw logits ``z`` (any shape; plain torch ops)."""
+        inv_temp, softcap = self[2 * model], self[2 * model + 1]
+        if softcap > 0:
+            z = softcap * torch.tanh(z / softcap)
+        return z * inv_temp
+
+    @staticmethod
+    def model(temperature: float, softcap: float | None, scale: float) -> tuple[float, float]:
+        """(inv_temp, softcap) of one model: c·tanh(s·ℓ/c)/T = (s/T)·(c/s)·tanh(ℓ/(c/s))."""
+        return scale / temperature, (0.0 if softcap is None else softcap / scale)
+
+    @classmethod
+    def plain(cls, inv_temp: float) -> "LogitMap":
+        """Both models at the inverse temperature ``inv_temp``, no scale, no cap."""
+        return cls(inv_temp, 0.0, inv_temp, 0.0)
+
+    @classmethod
+    def from_public(cls, temperature: float, softcap_a: float | None = None, scale_a: float = 1.0,
+                    softcap_b: float | None = None, scale_b: float = 1.0) -> "LogitMap":
+        """The map of validated public values (T > 0, caps None or > 0, scales > 0)."""
+        return cls(*cls.model(temperature, softcap_a, scale_a), *cls.model(temperature, softcap_b, scale_b))
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ._contract import LogitMap
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -53,6 +55,34 @@ def check_temperature(temperature: float) -> float:
     if not 0.0 < t < math.inf:  # also rejects NaN; a plain comparison traces under torch.compile
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return t
+
+
+def check_logit_softcap(value, name: str = "logit_softcap") -> float | None:
+    """None (no cap) or a finite cap c > 0 of c·tanh(ℓ/c)."""
+    if value is None:
+        return None
+    c = float(value)
+    if not 0.0 < c < math.inf:
+        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    return c
+
+
+def check_logit_scale(value, name: str = "logit_scale") -> float:
+    """A finite multiplier s > 0 of the raw logits (applied before the cap)."""
+    s = float(value)
+    if not 0.0 < s < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return s
+
+
+def logit_map(temperature, logit_softcap=None, logit_scale=1.0, second_softcap=None, second_scale=1.0,
+              second_prefix: str = ""):
+    """Validated ``_contract.LogitMap`` of the public keywords: temperature, the first model's
+    ``logit_softcap``/``logit_scale`` and the second model's (named ``{second_prefix}logit_softcap`` etc.)."""
+    return LogitMap.from_public(check_temperature(temperature), check_logit_softcap(logit_softcap),
+                                check_logit_scale(logit_scale),
+                                check_logit_softcap(second_softcap, f"{second_prefix}logit_softcap"),
+                                check_logit_scale(second_scale, f"{second_prefix}logit_scale"))
 
 
 def check_targets(targets: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int,

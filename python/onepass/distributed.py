@@ -83,7 +83,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _dispatch, _validate
-from ._contract import Kind, Stat, VocabStats, kernel_kind, stats_dtype
+from ._contract import Kind, LogitMap, Stat, VocabStats, kernel_kind, stats_dtype
 from ._ops.vocab_stats import LinearGradAccumulator, _chunk_logits_pair, _rows_per_chunk, linear_vocab_stats, rows
 from .kl import policy_ref_outputs
 from .losses import (MASKED_TARGET, OPD_SAMPLED, _constants, _weighted_sum, aggregation_weights, check_grpo_inputs,
@@ -209,9 +209,10 @@ class _Head:
     def needs_grad(self) -> bool:
         return any(t is not None and t.requires_grad for t in (self.h, self.w, self.bias))
 
-    def target_logit(self, local_targets: Tensor, inv_temp: float) -> Tensor:
-        """a_{y'} = (h · W[y'] (+ bias[y'])) / T per row, fp32 (fp64 for fp64 inputs), differentiable (ignored
-        rows: index 0); only its gradient is used, so a head that needs none gets zeros."""
+    def target_logit(self, local_targets: Tensor, logit_map: LogitMap, model: int) -> Tensor:
+        """a_{y'} = the ``logit_map`` of model ``model`` on h · W[y'] (+ bias[y']) per row, fp32 (fp64 for fp64
+        inputs), differentiable (ignored rows: index 0); only its gradient is used, so a head that needs none
+        gets zeros."""
         dtype = stats_dtype(self.h)
         if not (self.needs_grad and torch.is_grad_enabled()):
             return torch.zeros(local_targets.shape, dtype=dtype, device=local_targets.device)
@@ -219,16 +220,16 @@ class _Head:
         z = (self.h.to(dtype) * self.w[idx].to(dtype)).sum(-1)
         if self.bias is not None:
             z = z + self.bias[idx].to(dtype)
-        return z * inv_temp
+        return logit_map.apply(z, model)
 
 
-def _phi_sum(za: Tensor, zb: Tensor, lse_a: Tensor, lse_b: Tensor, inv_temp: float, divergence) -> Tensor:
+def _phi_sum(za: Tensor, zb: Tensor, lse_a: Tensor, lse_b: Tensor, logit_map: LogitMap, divergence) -> Tensor:
     """Σ_v φ(a_v − lse_a, b_v − lse_b) [rows] over the columns of the raw logit blocks za, zb [rows, V_r]
-    (a = za/T), given the rows' normalizers lse_a, lse_b [rows]; φ of ``divergence`` = (kind, β, α) as in
+    (a, b: their ``logit_map``, e.g. za/T), given the rows' normalizers lse_a, lse_b [rows]; φ of ``divergence`` = (kind, β, α) as in
     ``onepass.reference.vocab.divergence_from_logprobs`` (the sum of per-entry terms, so shards add up)."""
     kind, beta, alpha = divergence
-    return divergence_from_logprobs(za * inv_temp - lse_a[:, None], zb * inv_temp - lse_b[:, None], kind.name.lower(),
-                                    beta, alpha)
+    return divergence_from_logprobs(logit_map.apply(za, 0) - lse_a[:, None], logit_map.apply(zb, 1) - lse_b[:, None],
+                                    kind.name.lower(), beta, alpha)
 
 
 class _GlobalDivergence(torch.autograd.Function):
@@ -244,7 +245,7 @@ class _GlobalDivergence(torch.autograd.Function):
     Plain torch on chunks, not a fused kernel (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, inv_temp, divergence, group):
+    def forward(ctx, ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, logit_map, divergence, group):
         n, v_shard = ha.shape[0], wa.shape[0]
         dtype = stats_dtype(ha)
         need_lse = [i for i in (0, 1) if ctx.needs_input_grad[6 + i]]
@@ -258,21 +259,21 @@ class _GlobalDivergence(torch.autograd.Function):
             with torch.enable_grad():
                 for i in need_lse:
                     lse[i] = lse[i].clone().requires_grad_()
-                div = _phi_sum(za, zb, lse[0], lse[1], inv_temp, divergence)
+                div = _phi_sum(za, zb, lse[0], lse[1], logit_map, divergence)
                 if need_lse:
                     cols[s:e, 1:] = -torch.stack(torch.autograd.grad(div.sum(), [lse[i] for i in need_lse]), -1)
             cols[s:e, 0] = div.detach()
         dist.all_reduce(cols, op=dist.ReduceOp.SUM, group=group)
         sums = {i: cols[:, 1 + k] for k, i in enumerate(need_lse)}
         ctx.save_for_backward(ha, wa, bias_a, hb, wb, bias_b, lse_a.detach(), lse_b.detach(), sums.get(0), sums.get(1))
-        ctx.params = (inv_temp, divergence, step)
+        ctx.params = (logit_map, divergence, step)
         return cols[:, 0].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         ha, wa, bias_a, hb, wb, bias_b, lse_a, lse_b, sum_a, sum_b = ctx.saved_tensors
-        inv_temp, divergence, step = ctx.params
+        logit_map, divergence, step = ctx.params
         needs = ctx.needs_input_grad[:6]
         need_z = (any(needs[0:3]), any(needs[3:6]))
         dtype = stats_dtype(ha)
@@ -285,7 +286,7 @@ class _GlobalDivergence(torch.autograd.Function):
                 z = [logits_a(s, e).to(dtype).detach().requires_grad_(need_z[0]),
                      logits_b(s, e).to(dtype).detach().requires_grad_(need_z[1])]
                 with torch.enable_grad():
-                    div = _phi_sum(z[0], z[1], lse_a[s:e], lse_b[s:e], inv_temp, divergence)
+                    div = _phi_sum(z[0], z[1], lse_a[s:e], lse_b[s:e], logit_map, divergence)
                     dz = iter(torch.autograd.grad(div, [x for x in z if x.requires_grad], grad_outputs=g[s:e]))
                 for model, need in enumerate(need_z):
                     if need:
@@ -295,7 +296,7 @@ class _GlobalDivergence(torch.autograd.Function):
         return (*out_a, *out_b, *d_lse, None, None, None)
 
 
-def _global_divergence(a: _Head, b: _Head, lse_a: Tensor, lse_b: Tensor, valid: Tensor, inv_temp: float, divergence,
+def _global_divergence(a: _Head, b: _Head, lse_a: Tensor, lse_b: Tensor, valid: Tensor, logit_map: LogitMap, divergence,
                        group) -> Tensor:
     """D [N] of ``divergence`` (kind, β, α) over the full vocabulary from the shards and the global normalizers
     [N]; 0 on the rows that are not ``valid`` (left out of the sweep: no cost, no gradient).  A normalizer
@@ -303,12 +304,12 @@ def _global_divergence(a: _Head, b: _Head, lse_a: Tensor, lse_b: Tensor, valid: 
     history from the other head), so its S is neither computed nor sent."""
     idx = valid.nonzero()[:, 0]
     rows_a, rows_b = (lse[idx] if head.needs_grad else lse[idx].detach() for head, lse in ((a, lse_a), (b, lse_b)))
-    div = _GlobalDivergence.apply(a.h[idx], a.w, a.bias, b.h[idx], b.w, b.bias, rows_a, rows_b, inv_temp, divergence,
+    div = _GlobalDivergence.apply(a.h[idx], a.w, a.bias, b.h[idx], b.w, b.bias, rows_a, rows_b, logit_map, divergence,
                                   group)
     return lse_a.new_zeros(lse_a.shape).index_put((idx,), div)
 
 
-def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, inv_temp, kind: Kind,
+def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index, logit_map, kind: Kind,
                           need_logp: bool, need_entropy: bool, backend, group, vocab_start, beta=0.0,
                           alpha=0.0) -> VocabStats:
     """Global per-row stats [lead] over the full vocabulary from the shards, for ``targets`` [lead] global ids
@@ -321,13 +322,13 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
     local_t, owned, valid = _local_targets(global_targets, n, start, v_shard, a.h.device)
     second = (b.h, b.w, b.bias) if b is not None else (None, None, None)
     shard_kind = kind if kind in _KL_KINDS else Kind.NONE  # the other kinds: a second sweep, below
-    shard = linear_vocab_stats(a.h, a.w, a.bias, *second, targets=local_t, inv_temp=inv_temp, backend=backend,
+    shard = linear_vocab_stats(a.h, a.w, a.bias, *second, targets=local_t, logit_map=logit_map, backend=backend,
                                kind=shard_kind, need_entropy=need_entropy)
     # Per model (a, then b): its shard's lse and target logit, values from the op, gradients through a_{y'}.
     models = [(a, shard.lse_a, shard.logp_a)] + ([(b, shard.lse_b, shard.logp_b)] if b is not None else [])
     lse, logit = [], []
-    for head, shard_lse, shard_logp in models:
-        path = head.target_logit(local_t, inv_temp)
+    for model, (head, shard_lse, shard_logp) in enumerate(models):
+        path = head.target_logit(local_t, logit_map, model)
         logit.append(_with_grad_of(shard_logp + shard_lse, path))
         lse.append(_with_grad_of(shard_lse, path - shard_logp))
     m = _max_over_ranks(torch.stack(lse, -1), group)
@@ -354,16 +355,17 @@ def _vocab_parallel_stats(a: _Head, b: _Head | None, targets, lead, ignore_index
     if shard_kind != Kind.NONE:
         out[Stat.DIV] = next(sums) / mass[p] - glse[p] + glse[q]
     elif kind != Kind.NONE:
-        out[Stat.DIV] = _global_divergence(a, b, glse[0], glse[1], valid, inv_temp, (kind, beta, alpha), group)
+        out[Stat.DIV] = _global_divergence(a, b, glse[0], glse[1], valid, logit_map, (kind, beta, alpha), group)
     zero = torch.zeros_like(glse[0])
     columns = [torch.where(valid, out[stat], 0.0) if stat in out else zero for stat in Stat]
     return VocabStats(torch.stack(columns, -1)).view(*lead)
 
 
-def _prepare(op, backend, hidden, group, temperature):
+def _prepare(op, backend, hidden, group, temperature, *logit_keywords, second_prefix=""):
+    """(group, ``LogitMap`` of temperature and the soft-cap/scale keywords, backend)."""
     group = _resolve_group(group)
-    T = _validate.check_temperature(temperature)
-    return group, 1.0 / T, _dispatch.resolve_backend(backend, hidden, "vocab_stats", f"distributed.{op}")
+    logit_map = _validate.logit_map(temperature, *logit_keywords, second_prefix=second_prefix)
+    return group, logit_map, _dispatch.resolve_backend(backend, hidden, "vocab_stats", f"distributed.{op}")
 
 
 def _check_pair(a_hidden, a_weight, a_bias, b_hidden, b_weight, b_bias, b_prefix, a_prefix=""):
@@ -379,44 +381,50 @@ def _check_pair(a_hidden, a_weight, a_bias, b_hidden, b_weight, b_bias, b_prefix
 # Public ops.
 # ------------------------------------------------------------------------------------------------
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, backend="auto", group=None, vocab_start=None):
+                          return_entropy=False, logit_softcap=None, logit_scale=1.0, backend="auto", group=None,
+                          vocab_start=None):
     """``onepass.linear_token_logprobs`` with ``weight`` [V_r, D] (and ``bias`` [V_r]) this rank's vocabulary
     shard; ``targets`` [...] global ids.  Returns logp [...] (and entropy [...]) over the full vocabulary,
     fp32, the same on every rank; differentiable w.r.t. hidden, the weight shard and the bias shard."""
     _validate.check_linear("", hidden, weight, bias)
     _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    group, inv_temp, be = _prepare("linear_token_logprobs", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_token_logprobs", backend, hidden, group, temperature, logit_softcap,
+                                    logit_scale)
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), None, targets, hidden.shape[:-1], ignore_index,
-                                  inv_temp, Kind.NONE, True, bool(return_entropy), be, group, vocab_start)
+                                  logit_map, Kind.NONE, True, bool(return_entropy), be, group, vocab_start)
     return (stats.logp_a, stats.entropy) if return_entropy else stats.logp_a
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                            temperature=1.0, ignore_index=-100, backend="auto", group=None, vocab_start=None):
+                            temperature=1.0, ignore_index=-100, logit_softcap=None, logit_scale=1.0,
+                            ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.linear_policy_ref_stats`` on vocabulary shards of both heads (the same rows of each).
     Returns dict(logp, ref_logp, entropy, kl_full) [...] fp32; no gradient to the reference."""
     _check_pair(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, "ref_")
-    group, inv_temp, be = _prepare("linear_policy_ref_stats", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_policy_ref_stats", backend, hidden, group, temperature, logit_softcap,
+                                    logit_scale, ref_logit_softcap, ref_logit_scale, second_prefix="ref_")
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group),
                                   _Head(ref_hidden, ref_weight, ref_bias, group, detach=True), targets,
-                                  hidden.shape[:-1], ignore_index, inv_temp, Kind.REVERSE_KL, True, True, be, group,
+                                  hidden.shape[:-1], ignore_index, logit_map, Kind.REVERSE_KL, True, True, be, group,
                                   vocab_start)
     return policy_ref_outputs(stats)
 
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                       teacher_bias=None, kind="reverse_kl", beta=0.5, alpha=0.5, temperature=1.0, targets=None,
-                      ignore_index=-100, backend="auto", group=None, vocab_start=None):
+                      ignore_index=-100, logit_softcap=None, logit_scale=1.0, teacher_logit_softcap=None,
+                      teacher_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.linear_divergence`` on vocabulary shards of both heads, every ``kind`` (reverse_kl and
     forward_kl in one sweep, the others in two: see the module docstring).  Gradients to the student, and
     to the teacher when it requires grad."""
     _check_pair(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 "teacher_", "student_")
     code, beta, alpha = kernel_kind(kind, beta, alpha)
-    group, inv_temp, be = _prepare("linear_divergence", backend, student_hidden, group, temperature)
+    group, logit_map, be = _prepare("linear_divergence", backend, student_hidden, group, temperature, logit_softcap,
+                                    logit_scale, teacher_logit_softcap, teacher_logit_scale, second_prefix="teacher_")
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group), targets,
-                                  student_hidden.shape[:-1], ignore_index, inv_temp, code, False, False, be, group,
+                                  student_hidden.shape[:-1], ignore_index, logit_map, code, False, False, be, group,
                                   vocab_start, beta, alpha)
     return stats.div
 
@@ -425,7 +433,8 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
               ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
               epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
-              backend="auto", group=None, vocab_start=None):
+              logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto",
+              group=None, vocab_start=None):
     """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: the distributed
     stats, then the per-token KL of ``kl_estimator`` (with "full": the ``ref_divergence`` penalty, any kind)
     and ``policy_loss`` (replicated on every rank).  Returns (loss, metrics); gradients to the policy only."""
@@ -435,10 +444,11 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
                                  if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
     two = ref_hidden is not None
-    group, inv_temp, be = _prepare("grpo_loss", backend, hidden, group, temperature)
+    group, logit_map, be = _prepare("grpo_loss", backend, hidden, group, temperature, logit_softcap, logit_scale,
+                                    ref_logit_softcap, ref_logit_scale, second_prefix="ref_")
     ref_head = _Head(ref_hidden, ref_weight, ref_bias, group, detach=True) if two else None
     stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), ref_head, masked_targets(targets, mask),
-                                  targets.shape, MASKED_TARGET, inv_temp, kind, True, True, be, group, vocab_start,
+                                  targets.shape, MASKED_TARGET, logit_map, kind, True, True, be, group, vocab_start,
                                   div_beta, div_alpha)
     kl = token_kl(stats, _constants(mask, ref_logp=ref_logp)["ref_logp"], kl_estimator, two)
     return policy_loss(stats.logp_a, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=stats.entropy,
@@ -446,10 +456,10 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                        loss_agg=loss_agg, entropy_coef=entropy_coef)
 
 
-def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
+def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
-             teacher_bias=None, temperature=1.0, loss_agg="token-mean", backend="auto", group=None,
-             vocab_start=None):
+             teacher_bias=None, temperature=1.0, loss_agg="token-mean", logit_softcap=None, logit_scale=1.0,
+             teacher_logit_softcap=None, teacher_logit_scale=1.0, backend="auto", group=None, vocab_start=None):
     """``onepass.opd_loss`` with vocabulary shards of the student and teacher heads, every ``divergence``:
     the distributed stats, then ``opd_token_loss`` aggregated (replicated on every rank).  Gradients to the
     student only."""
@@ -458,15 +468,17 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
                                             reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
                                             teacher_bias=teacher_bias)
     sampled = divergence == OPD_SAMPLED
-    group, inv_temp, be = _prepare("opd_loss", backend, student_hidden, group, temperature)
+    group, logit_map, be = _prepare("opd_loss", backend, student_hidden, group, temperature, logit_softcap,
+                                    logit_scale, teacher_logit_softcap, teacher_logit_scale, second_prefix="teacher_")
     stats = _vocab_parallel_stats(_Head(student_hidden, student_weight, student_bias, group),
                                   _Head(teacher_hidden, teacher_weight, teacher_bias, group, detach=True),
-                                  masked_targets(targets, mask), targets.shape, MASKED_TARGET, inv_temp, kind, True,
-                                  False, be, group, vocab_start, beta, alpha)
+                                  masked_targets(targets, mask) if targets is not None else None, mask.shape,
+                                  MASKED_TARGET, logit_map, kind, True, False, be, group, vocab_start, beta, alpha)
     ref_logp = _constants(mask, ref_logp=ref_logp)["ref_logp"]
     per_token = opd_token_loss(stats, ref_logp, sampled=sampled, reward_scale=float(reward_scale))
     loss = _weighted_sum(aggregation_weights(mask, loss_agg), per_token)
-    return loss, opd_metrics(stats, mask, ref_logp, sampled=sampled, reward_scale=float(reward_scale))
+    return loss, opd_metrics(stats, mask, ref_logp, sampled=sampled, reward_scale=float(reward_scale),
+                             with_logp=targets is not None)
 
 
 class HeadLoss(torch.nn.Module):

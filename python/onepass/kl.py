@@ -109,12 +109,15 @@ def kl_penalty(logp, ref_logp, *, estimator="k3", clamp=20.0, value_clamp=None, 
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                            temperature=1.0, ignore_index=-100, backend="auto"):
+                            temperature=1.0, ignore_index=-100, logit_softcap=None, logit_scale=1.0,
+                            ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto"):
     """Policy and reference LM heads in one sweep over the vocabulary.
 
     Args:
         hidden [..., D], weight [V, D] (policy; differentiable), ref_hidden [..., Dr], ref_weight [V, Dr]
         (reference; never receives gradient), targets [...] int64, optional biases [V].
+        logit_softcap, logit_scale (policy) and ref_logit_softcap, ref_logit_scale (reference): each
+        model's logits become c·tanh(s·ℓ/c) (c = None: s·ℓ) before the temperature.
     Returns: dict of [...] float32 tensors: ``logp``, ``ref_logp``, ``entropy`` (of the policy) and
     ``kl_full`` = Σ_v p_v (log p_v − log q_v), the exact KL(policy‖reference) over the vocabulary.
     """
@@ -122,12 +125,13 @@ def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, 
     _validate.check_second_model("ref_", ref_hidden, ref_weight, ref_bias, "", hidden, v)
     _validate.check_same_device(hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                 bias=bias, ref_bias=ref_bias, targets=targets)
-    T = _validate.check_temperature(temperature)
+    logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, ref_logit_softcap, ref_logit_scale,
+                                    "ref_")
     lead = hidden.shape[:-1]
     t = _validate.kernel_targets(targets, lead, v, ignore_index)
     be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "linear_policy_ref_stats")
     stats = linear_vocab_stats(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
-                               ref_bias.detach() if ref_bias is not None else None, targets=t, inv_temp=1.0 / T,
+                               ref_bias.detach() if ref_bias is not None else None, targets=t, logit_map=logit_map,
                                kind=Kind.REVERSE_KL, need_entropy=True, backend=be)
     return policy_ref_outputs(stats)
 

@@ -257,6 +257,9 @@ def _check_loss_inputs(hidden, weight, targets, mask, bias, prefix="", packed=Fa
     want = "[N, D] (packed sequences)" if packed else "[B, T, D]"
     if hidden.dim() != (2 if packed else 3):
         raise ValueError(f"{prefix}hidden must be {want}, got shape {tuple(hidden.shape)}")
+    if targets is None:  # opd_loss's full-vocabulary divergences
+        _check_mask(mask, hidden.shape[:-1], f"{prefix}hidden")
+        return v
     _validate.check_tensor("targets", targets)
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets has shape {tuple(targets.shape)} but {prefix}hidden is {tuple(hidden.shape)}: "
@@ -372,7 +375,8 @@ def _per_sequence_or_token_on_grid(layout: SequenceLayout, token_shape, grid_mas
 def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
               ref_weight=None, bias=None, ref_bias=None, temperature=1.0, ref_divergence="reverse_kl",
               ref_divergence_beta=0.5, ref_divergence_alpha=0.5, token_weights=None, sampling_logp=None,
-              cu_seqlens=None, seq_ids=None, backend="auto", **options):
+              cu_seqlens=None, seq_ids=None, logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None,
+              ref_logit_scale=1.0, backend="auto", **options):
     """Fused GRPO / PPO-family policy loss from hidden states [B, T, D] and the LM-head weight [V, D].
 
     One sweep over the vocabulary gives per-token policy logp and entropy (and, with ``ref_hidden`` +
@@ -385,7 +389,9 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     any ``onepass.divergence`` kind with the policy as p and the reference as q (``ref_divergence_beta``
     for jsd, ``ref_divergence_alpha`` for alpha).  ``token_weights`` [B, T] or [B]: off-policy correction
     weights on the policy term; ``sampling_logp`` [B, T]: TRL's off-policy mask.  Masked positions (mask
-    0) are excluded; targets there may be anything in [0, V) or −100.
+    0) are excluded; targets there may be anything in [0, V) or −100.  ``logit_softcap``/``logit_scale``
+    (policy) and ``ref_logit_softcap``/``ref_logit_scale`` (reference) map each model's logits to
+    c·tanh(s·ℓ/c) before the temperature.
 
     Packed sequences: hidden [N, D] (or [1, N, D]) with ``cu_seqlens`` [S+1] or ``seq_ids`` [N];
     targets, mask and the per-token inputs [N]; advantages / token_weights [N] or [S].  Equal to the
@@ -415,7 +421,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
                                 cu_seqlens=cu_seqlens, seq_ids=seq_ids)
     kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
                                  if terms.kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
-    T = _validate.check_temperature(temperature)
+    logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, ref_logit_softcap, ref_logit_scale, "ref_")
     be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "grpo_loss")
 
     # per-token constants and aggregation weights in the padded grid, then as the sweep's rows
@@ -435,7 +441,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     generator_state = terms.generator.get_state() if terms.needs_generator_state() else None
     loss, stats = linear_token_loss(token_loss, torch.ones_like(inputs["w_pg"]), inputs, hidden, weight, bias,
                                     ref_hidden, ref_weight, ref_bias, targets=_loss_targets(targets, mask, v),
-                                    inv_temp=1.0 / T, backend=be, kind=kind, beta=div_beta, alpha=div_alpha,
+                                    logit_map=logit_map, backend=be, kind=kind, beta=div_beta, alpha=div_alpha,
                                     need_entropy=True, row_elementwise=rows_apart)
     with torch.no_grad():
         if generator_state is not None:  # the metrics see the same random draw as the loss
@@ -480,7 +486,10 @@ def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_wei
                            packed=packed)
     _validate.check_second_model("teacher_", teacher_hidden, teacher_weight, teacher_bias, "student_", student_hidden,
                                  v)
-    _check_token_tensor("ref_logp", ref_logp, targets.shape)
+    _check_token_tensor("ref_logp", ref_logp, student_hidden.shape[:-1])
+    if divergence == OPD_SAMPLED and targets is None:
+        raise ValueError("targets=None: divergence='sampled_reverse_kl' needs targets, the sampled tokens [B, T] "
+                         "(only the full-vocabulary divergences run without them)")
     if divergence == OPD_SAMPLED:
         if ref_logp is None and reward_scale != 1.0:
             raise ValueError("reward_scale != 1 (G-OPD / ExOPD) needs ref_logp, the reference log-probs")
@@ -498,9 +507,10 @@ def check_opd_inputs(student_hidden, student_weight, teacher_hidden, teacher_wei
     return v, kind, beta, alpha
 
 
-def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, *, mask,
+def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, mask,
              divergence="reverse_kl", beta=0.5, alpha=0.5, reward_scale=1.0, ref_logp=None, student_bias=None,
              teacher_bias=None, temperature=1.0, loss_agg="token-mean", cu_seqlens=None, seq_ids=None,
+             logit_softcap=None, logit_scale=1.0, teacher_logit_softcap=None, teacher_logit_scale=1.0,
              backend="auto"):
     """On-policy distillation loss; student and teacher LM heads in one sweep over the vocabulary.
 
@@ -514,9 +524,12 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
       is the mean −r (the sampled reverse KL for λ = 1) and whose gradient is −agg(r ∇log p).
 
     Shapes: student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt], teacher_weight
-    [V, Dt], targets (the sampled tokens) and mask [B, T].  Packed sequences: hiddens [N, D] (or
-    [1, N, D]) with ``cu_seqlens`` [S+1] or ``seq_ids`` [N], targets / mask / ref_logp [N]: the sequence
-    means of ``loss_agg`` use the segments (equal to the padded call).  Returns (loss, metrics).
+    [V, Dt], targets (the sampled tokens) and mask [B, T].  ``targets=None`` is allowed for the
+    full-vocabulary divergences (no sampled token is needed; the metrics then omit the log-probs).
+    Packed sequences: hiddens [N, D] (or [1, N, D]) with ``cu_seqlens`` [S+1] or ``seq_ids`` [N], targets /
+    mask / ref_logp [N]: the sequence means of ``loss_agg`` use the segments (equal to the padded call).
+    ``logit_softcap``/``logit_scale`` (student) and ``teacher_logit_softcap``/``teacher_logit_scale`` map
+    each model's logits to c·tanh(s·ℓ/c) before the temperature.  Returns (loss, metrics).
     """
     layout_given = cu_seqlens is not None or seq_ids is not None
     student_hidden = _packed_hidden(student_hidden, layout_given)
@@ -527,21 +540,35 @@ def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tar
                                             reward_scale=reward_scale, ref_logp=ref_logp, student_bias=student_bias,
                                             teacher_bias=teacher_bias, packed=layout.packed)
     sampled = divergence == OPD_SAMPLED
-    T = _validate.check_temperature(temperature)
+    logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, teacher_logit_softcap,
+                                    teacher_logit_scale, "teacher_")
     w = layout.rows(aggregation_weights(layout.grid(mask), loss_agg))
     be = _dispatch.resolve_backend(backend, student_hidden, "vocab_stats", "opd_loss")
     inputs = {k: x for k, x in _constants(mask, ref_logp=ref_logp).items() if x is not None}
     token_loss = functools.partial(opd_token_loss, sampled=sampled, reward_scale=float(reward_scale))
     loss, stats = linear_token_loss(token_loss, w, inputs, student_hidden, student_weight, student_bias,
                                     teacher_hidden, teacher_weight, teacher_bias,
-                                    targets=_loss_targets(targets, mask, v), inv_temp=1.0 / T, backend=be,
+                                    targets=opd_kernel_targets(targets, mask, v), logit_map=logit_map, backend=be,
                                     kind=kind, beta=beta, alpha=alpha)
-    return loss, opd_metrics(stats, mask, inputs.get("ref_logp"), sampled=sampled, reward_scale=float(reward_scale))
+    return loss, opd_metrics(stats, mask, inputs.get("ref_logp"), sampled=sampled, reward_scale=float(reward_scale),
+                             with_logp=targets is not None)
 
 
-def opd_metrics(stats: VocabStats, mask, ref_logp=None, *, sampled, reward_scale) -> dict:
-    """``opd_loss``'s metrics (detached masked means) from the student (a) / teacher (b) stats [B, T]."""
-    metrics = {"student_logp": _masked_mean(stats.logp_a, mask), "teacher_logp": _masked_mean(stats.logp_b, mask)}
+def opd_kernel_targets(targets, mask, v):
+    """Kernel-form targets [B, T] of ``opd_loss``: those of the sampled tokens, or without them (``None``)
+    0 at the unmasked positions (a placeholder the full divergences do not use) and −1 at the masked ones,
+    so that masked rows are still skipped."""
+    if targets is None:
+        return torch.where(mask != 0, 0, -1).to(torch.int64)
+    return _loss_targets(targets, mask, v)
+
+
+def opd_metrics(stats: VocabStats, mask, ref_logp=None, *, sampled, reward_scale, with_logp=True) -> dict:
+    """``opd_loss``'s metrics (detached masked means) from the student (a) / teacher (b) stats [B, T];
+    without targets (``with_logp=False``) no log-probs."""
+    metrics = {}
+    if with_logp:
+        metrics = {"student_logp": _masked_mean(stats.logp_a, mask), "teacher_logp": _masked_mean(stats.logp_b, mask)}
     if sampled:
         reward = _opd_reward(stats.logp_a, stats.logp_b, ref_logp, reward_scale)
         metrics["reward"] = _masked_mean(reward, mask)

@@ -49,14 +49,15 @@ class _KwargsModule(torch.nn.Module):
 class TokenLogprobs(_KwargsModule):
     """Module form of :func:`onepass.token_logprobs`.
 
-    Args (stored): ``temperature=1.0``, ``ignore_index=-100``, ``return_entropy=False``, ``backend="auto"``.
+    Args (stored): ``temperature=1.0``, ``ignore_index=-100``, ``return_entropy=False``, ``logit_softcap=None``,
+    ``logit_scale=1.0``, ``backend="auto"``.
     ``forward(logits [..., V], targets [...])`` -> logp [...] float32, or (logp, entropy).
     """
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 backend: str = "auto") -> None:
+                 logit_softcap: float | None = None, logit_scale: float = 1.0, backend: str = "auto") -> None:
         super().__init__(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                         backend=backend)
+                         logit_softcap=logit_softcap, logit_scale=logit_scale, backend=backend)
 
     def forward(self, logits: Tensor, targets: Tensor):
         return _token_logprobs(logits, targets, **self.kwargs)
@@ -66,15 +67,16 @@ class LinearTokenLogprobs(_KwargsModule):
     """Module form of :func:`onepass.linear_token_logprobs`: log-probs (and entropy) of ``targets`` under
     softmax((hidden @ weight.T + bias) / T) without materializing the [N, V] logits.
 
-    Args (stored): ``temperature=1.0``, ``ignore_index=-100``, ``return_entropy=False``, ``backend="auto"``.
+    Args (stored): ``temperature=1.0``, ``ignore_index=-100``, ``return_entropy=False``, ``logit_softcap=None``,
+    ``logit_scale=1.0``, ``backend="auto"``.
     ``forward(hidden [..., D], weight [V, D], targets [...], bias=None)`` -> logp [...] float32, or
     (logp, entropy) with ``return_entropy=True``.  Differentiable w.r.t. hidden, weight and bias.
     """
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 backend: str = "auto") -> None:
+                 logit_softcap: float | None = None, logit_scale: float = 1.0, backend: str = "auto") -> None:
         super().__init__(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                         backend=backend)
+                         logit_softcap=logit_softcap, logit_scale=logit_scale, backend=backend)
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
         return _linear_token_logprobs(hidden, weight, targets, bias=bias, **self.kwargs)
@@ -85,7 +87,8 @@ class GRPOLoss(_KwargsModule):
 
     Any keyword argument of ``grpo_loss`` except the tensors is stored at construction, e.g.
     ``GRPOLoss(beta=0.04, kl_estimator="k3", epsilon_low=0.2, epsilon_high=0.28, loss_agg="token-mean",
-    entropy_coef=0.0, temperature=1.0, dual_clip=None, backend="auto")``.
+    entropy_coef=0.0, temperature=1.0, dual_clip=None, logit_softcap=None, logit_scale=1.0,
+    ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto")``.
 
     ``forward(hidden [B, T, D], weight [V, D], targets [B, T], advantages [B] or [B, T], mask [B, T],
     **overrides)`` -> (loss scalar, metrics dict).  ``overrides`` are per-call keyword arguments of
@@ -106,10 +109,12 @@ class OPDLoss(_KwargsModule):
     one vocabulary sweep).
 
     Stored keyword arguments, e.g. ``OPDLoss(divergence="reverse_kl", reward_scale=1.0, temperature=1.0,
-    loss_agg="token-mean", backend="auto")`` (also ``beta``, ``alpha`` for jsd / alpha divergences).
+    loss_agg="token-mean", logit_softcap=None, teacher_logit_softcap=None, backend="auto")`` (also ``beta``,
+    ``alpha`` for jsd / alpha divergences, ``logit_scale``, ``teacher_logit_scale``).
 
     ``forward(student_hidden [B, T, Ds], student_weight [V, Ds], teacher_hidden [B, T, Dt],
-    teacher_weight [V, Dt], targets [B, T], mask [B, T], **overrides)`` -> (loss, metrics); per-call
+    teacher_weight [V, Dt], targets [B, T] (or None for a full-vocabulary divergence), mask [B, T],
+    **overrides)`` -> (loss, metrics); per-call
     ``overrides`` (e.g. ``ref_logp``, ``student_bias``, ``teacher_bias``) take precedence.
     """
 
@@ -117,7 +122,7 @@ class OPDLoss(_KwargsModule):
         super().__init__(**kwargs)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, targets: Tensor, mask: Tensor, **overrides: Any):
+                teacher_weight: Tensor, targets: Tensor | None, mask: Tensor, **overrides: Any):
         return _opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask=mask,
                          **self._merged(overrides))
 
@@ -127,14 +132,19 @@ class Divergence(_KwargsModule):
     softmax(teacher/T).
 
     Args (stored): ``kind="reverse_kl"`` (forward_kl, reverse_kl, jsd, tv, hellinger, chi2, alpha),
-    ``beta=0.5``, ``alpha=0.5``, ``temperature=1.0``, ``ignore_index=-100``, ``backend="auto"``.
+    ``beta=0.5``, ``alpha=0.5``, ``temperature=1.0``, ``ignore_index=-100``, ``logit_softcap=None``,
+    ``logit_scale=1.0``, ``teacher_logit_softcap=None``, ``teacher_logit_scale=1.0``, ``backend="auto"``.
     ``forward(student_logits [..., V], teacher_logits [..., V], targets=None)`` -> [...] float32;
     ``targets`` only masks positions equal to ``ignore_index``.
     """
 
     def __init__(self, kind: str = "reverse_kl", *, beta: float = 0.5, alpha: float = 0.5, temperature: float = 1.0,
-                 ignore_index: int = -100, backend: str = "auto") -> None:
+                 ignore_index: int = -100, logit_softcap: float | None = None, logit_scale: float = 1.0,
+                 teacher_logit_softcap: float | None = None, teacher_logit_scale: float = 1.0,
+                 backend: str = "auto") -> None:
         super().__init__(kind=kind, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+                         logit_softcap=logit_softcap, logit_scale=logit_scale,
+                         teacher_logit_softcap=teacher_logit_softcap, teacher_logit_scale=teacher_logit_scale,
                          backend=backend)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None):
@@ -149,8 +159,12 @@ class LinearDivergence(_KwargsModule):
     """
 
     def __init__(self, kind: str = "reverse_kl", *, beta: float = 0.5, alpha: float = 0.5, temperature: float = 1.0,
-                 ignore_index: int = -100, backend: str = "auto") -> None:
+                 ignore_index: int = -100, logit_softcap: float | None = None, logit_scale: float = 1.0,
+                 teacher_logit_softcap: float | None = None, teacher_logit_scale: float = 1.0,
+                 backend: str = "auto") -> None:
         super().__init__(kind=kind, beta=beta, alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+                         logit_softcap=logit_softcap, logit_scale=logit_scale,
+                         teacher_logit_softcap=teacher_logit_softcap, teacher_logit_scale=teacher_logit_scale,
                          backend=backend)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._contract import NUM_STATS, Kind, VocabStats, stats_dtype
+from .._contract import NUM_STATS, Kind, LogitMap, VocabStats, stats_dtype
 from .._dispatch import Cap, has
 from .vocab_stats import (FAMILY, LinearGradAccumulator, _chunk_logits_pair, _launcher, _rows_per_chunk, _upstream,
                           linear_vocab_stats, rows)
@@ -29,7 +29,7 @@ from .vocab_stats import (FAMILY, LinearGradAccumulator, _chunk_logits_pair, _la
 TokenLoss = Callable[..., Tensor]
 
 
-def _one_pass(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy,
+def _one_pass(backend, ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha, need_entropy,
               token_loss, weights, token_inputs, needs):
     """(loss, stats [N, NUM_STATS], the 6 gradients (dha, dwa, dbias_a, dhb, dwb, dbias_b)) in one chunked
     pass; the loss accumulates in the stats dtype."""
@@ -47,7 +47,7 @@ def _one_pass(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, 
         a = logits_a(s, e)
         b = logits_b(s, e) if logits_b is not None else None
         t = targets[s:e] if targets is not None else None
-        st = mod.vocab_stats_fwd(a, b, t, inv_temp, kind, beta, alpha, need_entropy)
+        st = mod.vocab_stats_fwd(a, b, t, logit_map, kind, beta, alpha, need_entropy)
         stats[s:e] = st
         leaf = st.detach().requires_grad_()
         with torch.enable_grad():
@@ -56,7 +56,7 @@ def _one_pass(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, 
         if not need_a:
             continue
         (g,) = torch.autograd.grad(part, leaf, allow_unused=True, materialize_grads=True)
-        dza, _ = mod.vocab_stats_bwd(a, b, t, st, _upstream(g), inv_temp, kind, beta, alpha, True, False)
+        dza, _ = mod.vocab_stats_bwd(a, b, t, st, _upstream(g), logit_map, kind, beta, alpha, True, False)
         acc_a.add(s, e, dza)
     return total, stats, acc_a.result(wa, bias_a)
 
@@ -95,7 +95,7 @@ def _eager_gradients(*tensors) -> bool:
 def linear_token_loss(token_loss: TokenLoss, weights: Tensor, token_inputs: dict[str, Tensor], hidden: Tensor,
                       weight: Tensor, bias: Optional[Tensor] = None, hidden_b: Optional[Tensor] = None,
                       weight_b: Optional[Tensor] = None, bias_b: Optional[Tensor] = None, *,
-                      targets: Tensor, inv_temp: float, backend: str, kind: Kind = Kind.NONE, beta: float = 0.0,
+                      targets: Tensor, logit_map: LogitMap, backend: str, kind: Kind = Kind.NONE, beta: float = 0.0,
                       alpha: float = 0.0, need_entropy: bool = False,
                       row_elementwise: bool = True) -> tuple[Tensor, VocabStats]:
     """loss = Σ_r weights[r] · token_loss(stats[r], **token_inputs[r]) and the detached stats.
@@ -108,7 +108,7 @@ def linear_token_loss(token_loss: TokenLoss, weights: Tensor, token_inputs: dict
     lead = hidden.shape[:-1]
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     hidden_b, weight_b, bias_b = detach(hidden_b), detach(weight_b), detach(bias_b)
-    sweep = dict(inv_temp=inv_temp, kind=kind, beta=beta, alpha=alpha, need_entropy=need_entropy)
+    sweep = dict(logit_map=logit_map, kind=kind, beta=beta, alpha=alpha, need_entropy=need_entropy)
     if row_elementwise and has(FAMILY, backend, Cap.ONE_PASS_LOSS) and _eager_gradients(hidden, weight, bias):
         contig = lambda x: None if x is None else x.contiguous()  # noqa: E731
         models = (rows(hidden), weight.contiguous(), contig(bias), rows(hidden_b), contig(weight_b), contig(bias_b))
@@ -117,7 +117,7 @@ def linear_token_loss(token_loss: TokenLoss, weights: Tensor, token_inputs: dict
         w = weights.reshape(-1)
 
         def run(needs):
-            return _one_pass(backend, *models, t, inv_temp, int(kind), beta, alpha, need_entropy, token_loss, w, flat,
+            return _one_pass(backend, *models, t, logit_map, int(kind), beta, alpha, need_entropy, token_loss, w, flat,
                              needs)
 
         loss, stats = _FusedLinearLoss.apply(*models[:3], run)

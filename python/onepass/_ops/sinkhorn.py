@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._contract import Stat, hyperparameters, stats_dtype
+from .._contract import LogitMap, Stat, hyperparameters, stats_dtype
 from .._dispatch import Cap, has, launcher
 
 FAMILY = "sinkhorn"
@@ -46,7 +46,8 @@ def band_transpose(m: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _lse(a, b, inv_temp, backend):
     """[2, N] log-sum-exps of a/T and b/T from the same backend's vocab-stats forward."""
-    stats = launcher("vocab_stats", backend).vocab_stats_fwd(a, b, None, float(inv_temp), 0, 0.0, 0.0, False)
+    stats = launcher("vocab_stats", backend).vocab_stats_fwd(a, b, None, LogitMap.plain(float(inv_temp)), 0, 0.0,
+                                                             0.0, False)
     return stats[:, [Stat.LSE_A, Stat.LSE_B]].T.contiguous()
 
 
@@ -142,7 +143,8 @@ def sinkhorn_value(a: torch.Tensor, b: torch.Tensor, *, inv_temp: float, group_s
     """Mean over the groups of the Sinkhorn values <P, C> between the rows of softmax(a/T) and
     softmax(b/T) (a, b [N, V] contiguous); differentiable w.r.t. both."""
     if has(FAMILY, backend, Cap.AUTOGRAD):
-        lse = launcher("vocab_stats", backend).vocab_stats_fwd(a, b, None, inv_temp, 0, 0.0, 0.0, False)
+        lse = launcher("vocab_stats", backend).vocab_stats_fwd(a, b, None, LogitMap.plain(inv_temp), 0, 0.0, 0.0,
+                                                                 False)
         c = launcher(FAMILY, backend).sinkhorn_cost(a, b, lse[:, Stat.LSE_A], lse[:, Stat.LSE_B], inv_temp,
                                                     group_size, cost)[0]
     else:

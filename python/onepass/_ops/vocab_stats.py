@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._contract import GRAD_STATS, NUM_STATS, Kind, VocabStats, hyperparameters, stats_dtype
+from .._contract import GRAD_STATS, NUM_STATS, Kind, LogitMap, VocabStats, hyperparameters, stats_dtype
 from .._dispatch import Cap, has, launcher
 
 #: Bound of the [rows, V] buffers of the chunked fused-linear path (logits and their gradient), per
@@ -50,6 +50,12 @@ def _upstream(g_stats: Tensor) -> Tensor:
     return g_stats[:, list(GRAD_STATS)].contiguous()
 
 
+def _unpack(hyper: Tensor) -> tuple[LogitMap, float, float]:
+    """(logit map, β, α) of the hyperparameter tensor ``hyperparameters(*logit_map, beta, alpha)``."""
+    values = hyper.tolist()
+    return LogitMap(*values[:4]), values[4], values[5]
+
+
 def _empty(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
@@ -61,8 +67,8 @@ def _empty(x: Tensor) -> Tensor:
 def _vocab_stats_op(a: Tensor, b: Optional[Tensor], targets: Optional[Tensor], kind: int, hyper: Tensor,
                     need_entropy: bool, backend: str) -> Tensor:
     """Per-row stats [N, NUM_STATS] of logits a [N, V] (and b [N, V]); columns as in docs/vocab_stats.md."""
-    inv_temp, beta, alpha = hyper.tolist()
-    return _launcher(backend).vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy)
+    logit_map, beta, alpha = _unpack(hyper)
+    return _launcher(backend).vocab_stats_fwd(a, b, targets, logit_map, kind, beta, alpha, need_entropy)
 
 
 @_vocab_stats_op.register_fake
@@ -76,8 +82,8 @@ def _vocab_stats_backward_op(a: Tensor, b: Optional[Tensor], targets: Optional[T
                              backend: str) -> tuple[Tensor, Tensor]:
     """(dL/da, dL/db) from stats [N, NUM_STATS] and upstream grads [N, NUM_GRADS]; an absent gradient is an
     empty tensor."""
-    inv_temp, beta, alpha = hyper.tolist()
-    ga, gb = _launcher(backend).vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha,
+    logit_map, beta, alpha = _unpack(hyper)
+    ga, gb = _launcher(backend).vocab_stats_bwd(a, b, targets, stats, grads, logit_map, kind, beta, alpha,
                                                need_a, need_b and b is not None)
     return (ga if ga is not None else _empty(a)), (gb if gb is not None else _empty(a))
 
@@ -137,12 +143,12 @@ def _chunk_logits_pair(ha, wa, bias_a, hb, wb, bias_b, rows):
     return ChunkLogits(ha, wa, bias_a, rows), (ChunkLogits(hb, wb, bias_b, rows) if hb is not None else None)
 
 
-def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha,
                          need_entropy) -> Tensor:
     """Stats [N, NUM_STATS] of the logits ha @ wa.T (+ bias_a), with hb/wb/bias_b the second model."""
     mod = _launcher(backend)
     if has(FAMILY, backend, Cap.LINEAR_KERNEL):
-        return mod.linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+        return mod.linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha,
                                           need_entropy)
     n, v = ha.shape[0], wa.shape[0]
     stats = ha.new_zeros((n, NUM_STATS), dtype=stats_dtype(ha))
@@ -152,7 +158,7 @@ def linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_t
         e = min(n, s + step)
         b = logits_b(s, e) if logits_b is not None else None
         t = targets[s:e] if targets is not None else None
-        stats[s:e] = mod.vocab_stats_fwd(logits_a(s, e), b, t, inv_temp, kind, beta, alpha, need_entropy)
+        stats[s:e] = mod.vocab_stats_fwd(logits_a(s, e), b, t, logit_map, kind, beta, alpha, need_entropy)
     return stats
 
 
@@ -185,13 +191,13 @@ class LinearGradAccumulator:
         return self.dh, dw, db
 
 
-def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind, beta,
+def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind, beta,
                           alpha, needs):
     """Gradients (dha, dwa, dbias_a, dhb, dwb, dbias_b) from upstream grads [N, NUM_GRADS]; ``needs`` is the
     6-tuple of which are wanted (absent ones are None)."""
     mod = _launcher(backend)
     if has(FAMILY, backend, Cap.LINEAR_BACKWARD):
-        return mod.linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+        return mod.linear_vocab_stats_bwd(ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind,
                                           beta, alpha, needs)
     n, v = ha.shape[0], wa.shape[0]
     acc_a = LinearGradAccumulator(ha, wa, bias_a, *needs[0:3])
@@ -204,7 +210,7 @@ def linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stat
         e = min(n, s + step)
         t = targets[s:e] if targets is not None else None
         dza, dzb = mod.vocab_stats_bwd(logits_a(s, e), logits_b(s, e) if logits_b is not None else None, t,
-                                       stats[s:e], grads[s:e], inv_temp, kind, beta, alpha, need_a, need_b)
+                                       stats[s:e], grads[s:e], logit_map, kind, beta, alpha, need_a, need_b)
         acc_a.add(s, e, dza)
         if acc_b is not None:
             acc_b.add(s, e, dzb)
@@ -219,8 +225,8 @@ def _linear_vocab_stats_op(ha: Tensor, wa: Tensor, bias_a: Optional[Tensor], hb:
                            hyper: Tensor, need_entropy: bool, backend: str) -> Tensor:
     """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and the second model), never materialized
     beyond one tile (triton) or one chunk of rows (cpu, cuda)."""
-    inv_temp, beta, alpha = hyper.tolist()
-    return linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha,
+    logit_map, beta, alpha = _unpack(hyper)
+    return linear_stats_forward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha,
                                 need_entropy)
 
 
@@ -235,8 +241,8 @@ def _linear_vocab_stats_backward_op(ha: Tensor, wa: Tensor, bias_a: Optional[Ten
                                     stats: Tensor, grads: Tensor, kind: int, hyper: Tensor, needs: list[bool],
                                     backend: str) -> list[Tensor]:
     """[dha, dwa, dbias_a, dhb, dwb, dbias_b]; an absent gradient is an empty tensor."""
-    inv_temp, beta, alpha = hyper.tolist()
-    outs = linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, inv_temp, kind,
+    logit_map, beta, alpha = _unpack(hyper)
+    outs = linear_stats_backward(backend, ha, wa, bias_a, hb, wb, bias_b, targets, stats, grads, logit_map, kind,
                                  beta, alpha, tuple(needs))
     return [o if o is not None else _empty(ha) for o in outs]
 
@@ -278,7 +284,7 @@ def _flat(targets: Optional[Tensor]) -> Optional[Tensor]:
     return None if targets is None else targets.reshape(-1).contiguous()
 
 
-def vocab_stats(a: Tensor, b: Optional[Tensor] = None, *, targets: Optional[Tensor], inv_temp: float, backend: str,
+def vocab_stats(a: Tensor, b: Optional[Tensor] = None, *, targets: Optional[Tensor], logit_map: LogitMap, backend: str,
                 kind: Kind = Kind.NONE, beta: float = 0.0, alpha: float = 0.0,
                 need_entropy: bool = False) -> VocabStats:
     """Per-row stats of logits ``a`` [..., V] (and ``b`` [..., V]), viewed with the leading shape.
@@ -288,16 +294,16 @@ def vocab_stats(a: Tensor, b: Optional[Tensor] = None, *, targets: Optional[Tens
     lead = a.shape[:-1]
     a, b, targets = rows(a), rows(b), _flat(targets)
     if has(FAMILY, backend, Cap.AUTOGRAD):
-        stats = _launcher(backend).vocab_stats_fwd(a, b, targets, inv_temp, int(kind), beta, alpha, need_entropy)
+        stats = _launcher(backend).vocab_stats_fwd(a, b, targets, logit_map, int(kind), beta, alpha, need_entropy)
     else:
-        stats = _vocab_stats_op(a, b, targets, int(kind), hyperparameters(inv_temp, beta, alpha),
+        stats = _vocab_stats_op(a, b, targets, int(kind), hyperparameters(*logit_map, beta, alpha),
                                 bool(need_entropy), backend)
     return VocabStats(stats).view(*lead)
 
 
 def linear_vocab_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                        hidden_b: Optional[Tensor] = None, weight_b: Optional[Tensor] = None,
-                       bias_b: Optional[Tensor] = None, *, targets: Optional[Tensor], inv_temp: float, backend: str,
+                       bias_b: Optional[Tensor] = None, *, targets: Optional[Tensor], logit_map: LogitMap, backend: str,
                        kind: Kind = Kind.NONE, beta: float = 0.0, alpha: float = 0.0,
                        need_entropy: bool = False) -> VocabStats:
     """``vocab_stats`` of logits a = hidden @ weight.T (+ bias) and b = hidden_b @ weight_b.T (+ bias_b),
@@ -309,9 +315,9 @@ def linear_vocab_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = 
     contig = lambda x: None if x is None else x.contiguous()  # noqa: E731
     models = (rows(hidden), weight.contiguous(), contig(bias), rows(hidden_b), contig(weight_b), contig(bias_b))
     if has(FAMILY, backend, Cap.AUTOGRAD):
-        stats = _launcher(backend).linear_vocab_stats_fwd(*models, _flat(targets), inv_temp, int(kind), beta, alpha,
+        stats = _launcher(backend).linear_vocab_stats_fwd(*models, _flat(targets), logit_map, int(kind), beta, alpha,
                                                           need_entropy)
     else:
-        stats = _linear_vocab_stats_op(*models, _flat(targets), int(kind), hyperparameters(inv_temp, beta, alpha),
+        stats = _linear_vocab_stats_op(*models, _flat(targets), int(kind), hyperparameters(*logit_map, beta, alpha),
                                        bool(need_entropy), backend)
     return VocabStats(stats).view(*lead)

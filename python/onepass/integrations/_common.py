@@ -39,13 +39,12 @@ def logit_postprocessing(config) -> tuple[float, float | None]:
 
 
 def check_logit_postprocessing(logit_scale: float, softcap: float | None, who: str) -> None:
-    """Refuse what the fused ops cannot reproduce: a soft-cap (tanh of the logits) and a non-positive scale.
-    A positive scale s is exact: softmax(s·z / T) = softmax(z / (T / s))."""
-    if softcap is not None:
-        raise refuse(f"{who}final_logit_softcapping={softcap}",
-                     "the fused onepass ops compute softmax of affine logits; a tanh soft-cap is not applied")
+    """Refuse what the fused ops cannot reproduce: a non-positive logit scale or soft-cap.  A positive scale
+    s and a soft-cap c > 0 are applied inside the ops as c·tanh(s·z/c) (the models' and TRL's order)."""
     if not logit_scale > 0:
-        raise refuse(f"{who}logit_scale={logit_scale}", "only a positive logit scale folds into the temperature")
+        raise refuse(f"{who}logit_scale={logit_scale}", "the fused ops take a logit scale > 0")
+    if softcap is not None and not softcap > 0:
+        raise refuse(f"{who}final_logit_softcapping={softcap}", "a soft-cap c·tanh(z/c) needs c > 0")
 
 
 def unwrap_peft(model):
@@ -68,8 +67,9 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def fused_token_logprobs(hidden, weight, bias, targets, *, temperature: float, logit_scale: float = 1.0,
-                         return_entropy: bool = False, ignore_index: int = -100):
-    """Per-token log-prob (and entropy) of ``targets`` under softmax(logit_scale·(hidden @ weight.T + bias) / T).
+                         logit_softcap: float | None = None, return_entropy: bool = False, ignore_index: int = -100):
+    """Per-token log-prob (and entropy) of ``targets`` under softmax(c·tanh(s·z/c) / T), z = hidden @ weight.T
+    + bias, s = ``logit_scale``, c = ``logit_softcap`` (None: softmax(s·z / T)).
 
     hidden [..., D], weight [V, D], bias [V] or None, targets [...] int64 → float32 [...] (or a pair).
     Under autocast the head runs in the autocast dtype (as the model's own ``lm_head`` would); otherwise a
@@ -84,19 +84,30 @@ def fused_token_logprobs(hidden, weight, bias, targets, *, temperature: float, l
     bias = None if bias is None else bias.to(dtype)
     ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
     with ctx:
-        return onepass.linear_token_logprobs(hidden, weight, targets, bias=bias,
-                                             temperature=float(temperature) / logit_scale,
+        return onepass.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
+                                             logit_scale=logit_scale, logit_softcap=logit_softcap,
                                              ignore_index=ignore_index, return_entropy=return_entropy)
 
 
 @torch.no_grad()
-def mean_scaled_logits(hidden, weight, bias, *, temperature: float, logit_scale: float = 1.0):
-    """Mean over the vocabulary of logit_scale·(hidden @ weight.T + bias) / T, exactly, without the logits:
-    it is hidden @ mean_v(weight) (+ mean(bias)) times the scale.  [N, D] → [N] float32."""
-    mean = hidden.float() @ weight.float().mean(0)
-    if bias is not None:
-        mean = mean + bias.float().mean()
-    return mean * (logit_scale / temperature)
+def mean_scaled_logits(hidden, weight, bias, *, temperature: float, logit_scale: float = 1.0,
+                       logit_softcap: float | None = None, vocab_tile: int = 8192):
+    """Mean over the vocabulary of the transformed logits c·tanh(s·z/c) / T (s·z / T without a cap),
+    z = hidden @ weight.T + bias.  [N, D] → [N] float32.  Without a cap it is exact through
+    hidden @ mean_v(weight) (+ mean(bias)); with one, summed over tiles of ``vocab_tile`` columns (memory
+    N·vocab_tile)."""
+    if logit_softcap is None:
+        mean = hidden.float() @ weight.float().mean(0)
+        if bias is not None:
+            mean = mean + bias.float().mean()
+        return mean * (logit_scale / temperature)
+    total = torch.zeros(hidden.shape[0], device=hidden.device)
+    for start in range(0, weight.shape[0], vocab_tile):
+        tile = hidden.float() @ weight[start:start + vocab_tile].float().t()
+        if bias is not None:
+            tile += bias[start:start + vocab_tile].float()
+        total += (logit_softcap * torch.tanh(tile * (logit_scale / logit_softcap))).sum(-1)
+    return total / (weight.shape[0] * temperature)
 
 
 @torch.no_grad()
@@ -104,7 +115,8 @@ def target_is_argmax(hidden, weight, bias, targets, *, vocab_tile: int = 8192):
     """Whether each target is the first arg-max of hidden @ weight.T (+ bias): [N, D], [V, D], [N] → [N] bool.
 
     A metric (no gradient): tiles of ``vocab_tile`` columns keep the memory at N·vocab_tile.
-    A positive scale and temperature do not move the arg-max, so they are not needed here.
+    A positive scale, a soft-cap (monotone) and the temperature do not move the arg-max, so they are not
+    needed here.
     """
     n, v = hidden.shape[0], weight.shape[0]
     best = torch.full((n,), float("-inf"), device=hidden.device)

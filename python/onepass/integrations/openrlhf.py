@@ -78,7 +78,8 @@ def actor_log_probs(model, sequences, attention_mask, action_mask=None, temperat
     """OpenRLHF ``Actor.forward`` (unpacked) from hidden states.
 
     sequences, attention_mask [B, L]; action_mask [B, A] or None.  Returns log_probs [B, L−1] of each next
-    token under softmax(logits / T) (or, with ``action_mask``, the last A of them times the mask), and with
+    token under softmax(logits / T), the logits with the model's logit scale and final soft-cap applied
+    inside the op (or, with ``action_mask``, the last A of them times the mask), and with
     ``return_entropy`` the entropy [B, L−1] as well.  float32, differentiable.
     """
     base = unwrap_peft(model)
@@ -88,7 +89,7 @@ def actor_log_probs(model, sequences, attention_mask, action_mask=None, temperat
     hidden = _backbone_hidden(model, sequences, attention_mask)
     next_tokens = torch.roll(sequences, shifts=-1, dims=1)
     result = fused_token_logprobs(hidden, weight, bias, next_tokens, temperature=temperature, logit_scale=scale,
-                                  return_entropy=return_entropy)
+                                  logit_softcap=softcap, return_entropy=return_entropy)
     log_probs, entropy = result if return_entropy else (result, None)
     log_probs = log_probs[:, :-1]
     if action_mask is not None:

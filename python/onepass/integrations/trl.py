@@ -18,8 +18,9 @@ Where TRL computes what the patch replaces (read from the installed trl 1.16):
   student for the ``entropy`` metric.
 
 The swap is process-wide (every trainer of the process that uses these functions gets onepass) until
-``unpatch()``.  What cannot be reproduced exactly is refused with ``UnsupportedOption`` naming the option:
-a final-logit soft-cap (Gemma 2/3), a non-positive logit scale, a PEFT adapter on ``lm_head``, DPO's
+``unpatch()``.  A final-logit soft-cap (Gemma 2/3) and a logit scale (Cohere, Granite, ...) are applied inside
+the onepass ops, in TRL's order c·tanh(s·z/c) / T.  What cannot be reproduced exactly is refused with
+``UnsupportedOption`` naming the option: a non-positive logit scale or soft-cap, a PEFT adapter on ``lm_head``, DPO's
 ``use_weighting`` (WPO needs Σ p², which the fused op does not compute), and trainers other than the ones
 above (e.g. ``trl.experimental.gkd.GKDTrainer``, which materializes both models' logits itself).
 """
@@ -51,7 +52,8 @@ class OnepassLogProbFunction:
     ``apply(hidden [N, D], weight [V, D], bias [V] | None, targets [N], temperature, chunk_size,
     final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",))`` returns (log_probs, entropy,
     log_sum_sq_probs, mean_logits, is_top1), each [N] float32 or None when not requested, with
-    z = logit_scale · (hidden @ weight.T + bias) / temperature, log_probs = z[y] − logsumexp(z) and
+    z = c·tanh(s·(hidden @ weight.T + bias)/c) / temperature (s = logit_scale, c = final_logit_softcapping;
+    without a cap s·(hidden @ weight.T + bias) / temperature), log_probs = z[y] − logsumexp(z) and
     entropy = logsumexp(z) − Σ softmax(z)·z, both differentiable.  ``chunk_size`` is TRL's tiling knob; onepass
     tiles on its own, so it is ignored.
     """
@@ -67,9 +69,11 @@ class OnepassLogProbFunction:
         check_logit_postprocessing(logit_scale, final_logit_softcapping, "")
         want_entropy = "entropy" in outputs
         result = fused_token_logprobs(hidden, weight, bias, targets, temperature=temperature,
-                                      logit_scale=logit_scale, return_entropy=want_entropy)
+                                      logit_scale=logit_scale, logit_softcap=final_logit_softcapping,
+                                      return_entropy=want_entropy)
         log_probs, entropy = result if want_entropy else (result, None)
-        mean_logits = (mean_scaled_logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale)
+        mean_logits = (mean_scaled_logits(hidden, weight, bias, temperature=temperature, logit_scale=logit_scale,
+                                          logit_softcap=final_logit_softcapping)
                        if "mean_logits" in outputs else None)
         is_top1 = target_is_argmax(hidden, weight, bias, targets) if "is_top1" in outputs else None
         return log_probs, entropy, None, mean_logits, is_top1
@@ -83,8 +87,9 @@ def onepass_chunked_divergence_loss(student_hidden_states, teacher_hidden_states
     """Drop-in for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (same arguments and result).
 
     student_hidden_states [B, K, Ds], teacher_hidden_states [B, K, Dt], weights [V, Ds] / [V, Dt],
-    completion_mask [B, K].  Per valid position, with p = softmax(s_s·z_s / T) (student), q = softmax(s_t·z_t / T)
-    (teacher) and m = β·q + (1 − β)·p: β·KL(q‖m) + (1 − β)·KL(p‖m) (β=0 forward KL(q‖p), β=1 reverse KL(p‖q)).
+    completion_mask [B, K].  Per valid position, with p = softmax(f_s(z_s) / T) (student), q = softmax(f_t(z_t) / T)
+    (teacher), f(z) = c·tanh(s·z/c) (s·z without a cap) with each model's scale s and soft-cap c, and
+    m = β·q + (1 − β)·p: β·KL(q‖m) + (1 − β)·KL(p‖m) (β=0 forward KL(q‖p), β=1 reverse KL(p‖q)).
     Returns (loss = Σ divergence / (num_items_in_batch or the valid count), Σ student entropy (no grad),
     valid count).  Gradient flows to the student only.
     """
@@ -99,19 +104,16 @@ def onepass_chunked_divergence_loss(student_hidden_states, teacher_hidden_states
     teacher = teacher.to(student.dtype)
     teacher_weight = teacher_weight.detach().to(student.dtype)
     teacher_bias = None if teacher_bias is None else teacher_bias.detach().to(student.dtype)
-    # A logit scale s multiplies every logit of that model: fold it into the hidden state (and bias).
-    scaled_student = student * student_logit_scale
-    scaled_student_bias = None if student_bias is None else student_bias * student_logit_scale
     divergence = onepass.linear_divergence(
-        scaled_student, student_weight, teacher * teacher_logit_scale, teacher_weight,
-        student_bias=scaled_student_bias,
-        teacher_bias=None if teacher_bias is None else teacher_bias * teacher_logit_scale,
-        kind="jsd", beta=float(beta), temperature=float(temperature))
+        student, student_weight, teacher, teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+        kind="jsd", beta=float(beta), temperature=float(temperature), logit_scale=float(student_logit_scale),
+        logit_softcap=student_final_logit_softcapping, teacher_logit_scale=float(teacher_logit_scale),
+        teacher_logit_softcap=teacher_final_logit_softcapping)
     with torch.no_grad():
         _, entropy = fused_token_logprobs(student, student_weight, student_bias,
                                           torch.zeros(student.shape[0], dtype=torch.long, device=student.device),
                                           temperature=temperature, logit_scale=student_logit_scale,
-                                          return_entropy=True)
+                                          logit_softcap=student_final_logit_softcapping, return_entropy=True)
     loss = divergence.sum()
     if num_items_in_batch is None:
         loss = loss / n_valid.clamp(min=1)

@@ -19,8 +19,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits.to(_compute_dtype(logits)) / temperature
+def _scaled(logits: torch.Tensor, temperature: float, softcap=None, scale=1.0) -> torch.Tensor:
+    """z = c·tanh(s·ℓ/c) / T (without a cap c: s·ℓ / T): scale, soft-cap, then temperature."""
+    z = logits.to(_compute_dtype(logits)) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
 
 
 def _linear_logits(hidden, weight, bias):
@@ -40,9 +44,10 @@ def _p_log_ratio(p, logp, logq):
     return p * torch.where(p > 0, logp - logq, torch.zeros_like(logp))
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """logp [...] = log_softmax(logits/T)[target]; entropy [...] = −Σ softmax·log_softmax."""
-    z = _scaled(logits, temperature)
+def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False, logit_softcap=None,
+                   logit_scale=1.0):
+    """logp [...] = log_softmax(z)[target], z = c·tanh(s·logits/c)/T; entropy [...] = −Σ softmax·log_softmax."""
+    z = _scaled(logits, temperature, logit_softcap, logit_scale)
     logsm = torch.log_softmax(z, dim=-1)
     mask = targets != ignore_index
     safe = torch.where(mask, targets, torch.zeros_like(targets))
@@ -56,9 +61,10 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
 
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False):
+                          return_entropy=False, logit_softcap=None, logit_scale=1.0):
     return token_logprobs(_linear_logits(hidden, weight, bias), targets, temperature=temperature,
-                          ignore_index=ignore_index, return_entropy=return_entropy)
+                          ignore_index=ignore_index, return_entropy=return_entropy, logit_softcap=logit_softcap,
+                          logit_scale=logit_scale)
 
 
 def divergence_from_logprobs(logp, logq, kind, beta=0.5, alpha=0.5):
@@ -94,10 +100,12 @@ def divergence_from_logprobs(logp, logq, kind, beta=0.5, alpha=0.5):
 
 
 def divergence(student_logits, teacher_logits, *, kind="reverse_kl", beta=0.5, alpha=0.5, temperature=1.0,
-               targets=None, ignore_index=-100):
-    """Per-token divergence [...] between softmax(student/T) and softmax(teacher/T); 0 at ignored tokens."""
-    logp = torch.log_softmax(_scaled(student_logits, temperature), dim=-1)
-    logq = torch.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
+               targets=None, ignore_index=-100, logit_softcap=None, logit_scale=1.0, teacher_logit_softcap=None,
+               teacher_logit_scale=1.0):
+    """Per-token divergence [...] between softmax(z_student) and softmax(z_teacher), each z = c·tanh(s·ℓ/c)/T
+    with that model's cap and scale; 0 at ignored tokens."""
+    logp = torch.log_softmax(_scaled(student_logits, temperature, logit_softcap, logit_scale), dim=-1)
+    logq = torch.log_softmax(_scaled(teacher_logits, temperature, teacher_logit_softcap, teacher_logit_scale), dim=-1)
     d = divergence_from_logprobs(logp, logq, kind, beta, alpha)
     mask = _mask(targets, ignore_index, d.shape, d.device)
     return torch.where(mask, d, torch.zeros_like(d))
@@ -134,12 +142,13 @@ def kl_penalty(logp, ref_logp, *, estimator="k3", clamp=20.0):
 
 
 def linear_policy_ref_stats(hidden, weight, ref_hidden, ref_weight, targets, *, bias=None, ref_bias=None,
-                            temperature=1.0, ignore_index=-100):
+                            temperature=1.0, ignore_index=-100, logit_softcap=None, logit_scale=1.0,
+                            ref_logit_softcap=None, ref_logit_scale=1.0):
     """dict(logp, ref_logp, entropy, kl_full) per token; kl_full = KL(policy‖reference) over the full
-    vocabulary; no gradient to the reference."""
-    z = _scaled(_linear_logits(hidden, weight, bias), temperature)
+    vocabulary; no gradient to the reference.  Each model's logits z = c·tanh(s·ℓ/c)/T."""
+    z = _scaled(_linear_logits(hidden, weight, bias), temperature, logit_softcap, logit_scale)
     with torch.no_grad():
-        zr = _scaled(_linear_logits(ref_hidden, ref_weight, ref_bias), temperature)
+        zr = _scaled(_linear_logits(ref_hidden, ref_weight, ref_bias), temperature, ref_logit_softcap, ref_logit_scale)
     logsm = torch.log_softmax(z, -1)
     ref_logsm = torch.log_softmax(zr, -1)
     mask = targets != ignore_index

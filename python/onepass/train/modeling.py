@@ -3,7 +3,8 @@
 The trainer never asks the model for training logits: it calls the backbone (``get_decoder()``) for the
 hidden states [B, T, D] and hands them with the LM-head weight [V, D] (the input embedding when the
 embeddings are tied; ``nn.Linear`` layout either way) to onepass's fused ops.  Architectures that change
-the logits after the head (a final logit soft-cap, a logit scale) are refused with a clear error.
+the logits after the head (a final logit soft-cap, a logit scale) are refused with a clear error: the fused ops
+take them (``logit_softcap`` / ``logit_scale``), but the trainer's algorithms do not pass them yet.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def check_supported(model: nn.Module) -> None:
     for key in ("final_logit_softcapping", "logit_softcapping"):
         if getattr(cfg, key, None):
             raise ValueError(f"{type(model).__name__} applies a final logit soft-cap ({key}={getattr(cfg, key)}); "
-                             "the onepass trainer does not support it yet")
+                             "the onepass ops take it (logit_softcap=...), but the trainer's algorithms do not pass it "
+                             "yet")
     for key in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             raise ValueError(f"{type(model).__name__} scales its logits ({key}={getattr(cfg, key)}); the onepass "
-                             "trainer does not support it yet")
+                             "ops take it (logit_scale=...), but the trainer's algorithms do not pass it yet")
     if model.get_output_embeddings() is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
 

@@ -20,20 +20,21 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor
     return n, v
 
 
-def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
-    """Per-row statistics ``stats`` [N, 8] (fp32, fp64 for fp64 inputs)."""
+def vocab_stats_fwd(a, b, targets, logit_map, kind, beta, alpha, need_entropy):
+    """Per-row statistics ``stats`` [N, 8] (fp32, fp64 for fp64 inputs) of a, b through ``logit_map``
+    (``LogitMap``: per model inv_temp and soft-cap, 0 = none)."""
     n, v = _check_inputs(a, b, targets)
     stats = torch.empty((n, NUM_STATS), dtype=stats_dtype(a), device=a.device)
     if n == 0:
         return stats
     compiled_module().vocab_stats_fwd_cpu(
         ptr(a), ptr(b), ptr(targets), ptr(stats), n, v, dtype_code(a),
-        float(inv_temp), int(kind), float(beta), float(alpha), bool(need_entropy),
+        *map(float, logit_map), int(kind), float(beta), float(alpha), bool(need_entropy),
     )
     return stats
 
 
-def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
+def vocab_stats_bwd(a, b, targets, stats, grads, logit_map, kind, beta, alpha, need_grad_a, need_grad_b):
     """``(grad_a | None, grad_b | None)``, [N, V] in the input dtype."""
     n, v = _check_inputs(a, b, targets)
     sd = stats_dtype(a)
@@ -46,6 +47,6 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
         return grad_a, grad_b
     compiled_module().vocab_stats_bwd_cpu(
         ptr(a), ptr(b), ptr(targets), ptr(stats), ptr(grads), ptr(grad_a), ptr(grad_b), n, v, dtype_code(a),
-        float(inv_temp), int(kind), float(beta), float(alpha),
+        *map(float, logit_map), int(kind), float(beta), float(alpha),
     )
     return grad_a, grad_b

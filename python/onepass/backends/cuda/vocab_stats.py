@@ -25,7 +25,7 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor | None, targets: torch.Tensor
     return n, v
 
 
-def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
+def vocab_stats_fwd(a, b, targets, logit_map, kind, beta, alpha, need_entropy):
     """Per-row statistics ``stats`` [N, 8] float32."""
     n, v = _check_inputs(a, b, targets)
     stats = torch.empty((n, NUM_STATS), dtype=torch.float32, device=a.device)
@@ -36,12 +36,12 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
         stream = torch.cuda.current_stream(a.device).cuda_stream
         mod.vocab_stats_fwd_cuda(
             ptr(a), ptr(b), ptr(targets), ptr(stats), n, v, dtype_code(a),
-            float(inv_temp), int(kind), float(beta), float(alpha), bool(need_entropy), stream,
+            *map(float, logit_map), int(kind), float(beta), float(alpha), bool(need_entropy), stream,
         )
     return stats
 
 
-def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
+def vocab_stats_bwd(a, b, targets, stats, grads, logit_map, kind, beta, alpha, need_grad_a, need_grad_b):
     """``(grad_a | None, grad_b | None)``, [N, V] in the input dtype."""
     n, v = _check_inputs(a, b, targets)
     assert (stats.shape == (n, NUM_STATS) and stats.dtype == torch.float32 and stats.is_contiguous()
@@ -58,6 +58,6 @@ def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, ne
         stream = torch.cuda.current_stream(a.device).cuda_stream
         mod.vocab_stats_bwd_cuda(
             ptr(a), ptr(b), ptr(targets), ptr(stats), ptr(grads), ptr(grad_a), ptr(grad_b), n, v,
-            dtype_code(a), float(inv_temp), int(kind), float(beta), float(alpha), stream,
+            dtype_code(a), *map(float, logit_map), int(kind), float(beta), float(alpha), stream,
         )
     return grad_a, grad_b

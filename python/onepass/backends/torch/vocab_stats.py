@@ -11,26 +11,27 @@ from ..._contract import GRAD_STATS, Kind, Stat, stats_dtype
 from ...reference.vocab import divergence_from_logprobs
 
 
-def _log_softmax_rows(x, inv_temp, live):
-    z = x.to(stats_dtype(x)) * inv_temp
+def _log_softmax_rows(x, logit_map, model, live):
+    z = logit_map.apply(x.to(stats_dtype(x)), model)
     if live is not None:
         z = torch.where(live[:, None], z, torch.zeros_like(z))
     return torch.logsumexp(z, -1), torch.log_softmax(z, -1)
 
 
-def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
-    """Stats [N, NUM_STATS] (float32, float64 for float64 inputs) of logits a [N, V] (and b [N, V])."""
+def vocab_stats_fwd(a, b, targets, logit_map, kind, beta, alpha, need_entropy):
+    """Stats [N, NUM_STATS] (float32, float64 for float64 inputs) of logits a [N, V] (and b [N, V]) mapped by
+    ``logit_map`` (a ``LogitMap``)."""
     live = targets >= 0 if targets is not None else None
     y = targets.clamp_min(0)[:, None] if targets is not None else None
     cols = {}  # Stat -> [N]; a dict, not a list indexed by the IntEnum, which torch.compile cannot trace
-    cols[Stat.LSE_A], la = _log_softmax_rows(a, inv_temp, live)
+    cols[Stat.LSE_A], la = _log_softmax_rows(a, logit_map, 0, live)
     if need_entropy:
         p = la.exp()
         cols[Stat.ENTROPY] = -(p * torch.where(p > 0, la, torch.zeros_like(la))).sum(-1)
     if y is not None:
         cols[Stat.LOGP_A] = la.gather(-1, y)[:, 0]
     if b is not None:
-        cols[Stat.LSE_B], lb = _log_softmax_rows(b, inv_temp, live)
+        cols[Stat.LSE_B], lb = _log_softmax_rows(b, logit_map, 1, live)
         if y is not None:
             cols[Stat.LOGP_B] = lb.gather(-1, y)[:, 0]
         if kind != Kind.NONE:
@@ -43,12 +44,12 @@ def vocab_stats_fwd(a, b, targets, inv_temp, kind, beta, alpha, need_entropy):
     return stats if live is None else torch.where(live[:, None], stats, torch.zeros_like(stats))
 
 
-def vocab_stats_bwd(a, b, targets, stats, grads, inv_temp, kind, beta, alpha, need_grad_a, need_grad_b):
+def vocab_stats_bwd(a, b, targets, stats, grads, logit_map, kind, beta, alpha, need_grad_a, need_grad_b):
     """(dL/da | None, dL/db | None) by autograd of Σ grads · stats[:, GRAD_STATS]."""
     with torch.enable_grad():
         xa = a.detach().requires_grad_(need_grad_a)
         xb = b.detach().requires_grad_(need_grad_b) if b is not None else None
-        st = vocab_stats_fwd(xa, xb, targets, inv_temp, kind, beta, alpha, True)
+        st = vocab_stats_fwd(xa, xb, targets, logit_map, kind, beta, alpha, True)
         wanted = [x for x in (xa, xb) if x is not None and x.requires_grad]
         if not wanted:
             return None, None
@@ -62,7 +63,7 @@ def _logits(h, w, bias):
     return z if bias is None else z + bias.to(dt)
 
 
-def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, inv_temp, kind, beta, alpha, need_entropy):
+def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha, need_entropy):
     """Stats of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), materialized."""
     b = _logits(hb, wb, bias_b) if hb is not None else None
-    return vocab_stats_fwd(_logits(ha, wa, bias_a), b, targets, inv_temp, kind, beta, alpha, need_entropy)
+    return vocab_stats_fwd(_logits(ha, wa, bias_a), b, targets, logit_map, kind, beta, alpha, need_entropy)
