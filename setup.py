@@ -67,7 +67,7 @@ setup(
         "train": TRAIN,                        # onepass-train: configs, tiny models, data, progress, plots
         "bench": BENCH,                        # python -m onepass.bench: progress bar, tables, plot
         "integrations": ["trl>=1.16"],
-        "test": ["pytest", "pytest-benchmark", "pot", "trl>=1.16", "peft", *TRAIN, *BENCH],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "pot", "trl>=1.16", "peft", *TRAIN, *BENCH],
         "peers": ["liger-kernel", "cut-cross-entropy", "pot", "trl>=1.16"],
     },
     entry_points={"console_scripts": ["onepass-train=onepass.train.cli:main"]},
