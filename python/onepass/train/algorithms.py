@@ -7,6 +7,10 @@ GRPO, on-policy distillation (OPD, G-OPD / ExOPD: a frozen teacher in ``setup``,
 ``loss``), KDRL (the GRPO loss plus a divergence to the teacher, from the same sweep), offline distillation
 with SinKD, and BD-KD (online mutual distillation: the teacher trains too; ``trained_models`` hands it to the
 trainer's optimizer and checkpoints) are implemented.
+
+Every op call carries each model's logit soft-cap and scale (``modeling.Head.logit_kw``: the policy's, the
+reference's and the teacher's, each from its own config), so the losses and log-probs are those of the
+models' own logits c·tanh(s·ℓ/c) / T, the distribution HF ``generate`` and vLLM sample from.
 """
 from __future__ import annotations
 
@@ -73,20 +77,19 @@ def masked_targets(batch: Rollout) -> torch.Tensor:
     return torch.where(batch.completion_mask.bool(), batch.targets, torch.full_like(batch.targets, -100))
 
 
-def frozen_hidden_and_head(model, batch: Rollout, device, offload: bool = False):
-    """A frozen model's completion hidden states [N, C, D] and LM head (weight [V, D], bias [V] or None), all
-    on ``device`` (the trained model's: the fused sweep needs both heads on one device).  The forward runs on
-    the frozen model's own device (``teacher.device``); with ``offload`` the model, kept on the CPU, is moved
-    to ``device`` for the forward and back (a host-device copy of its weights each call, i.e. per micro-batch;
-    its head stays on ``device`` until the returned tensors are freed)."""
+def frozen_hidden_and_head(model, batch: Rollout, device, offload: bool = False) -> tuple[torch.Tensor, modeling.Head]:
+    """A frozen model's completion hidden states [N, C, D] and LM head (``modeling.Head``: weight [V, D], bias [V]
+    or None, detached, with the model's logit soft-cap and scale), all on ``device`` (the trained model's: the
+    fused sweep needs both heads on one device).  The forward runs on the frozen model's own device
+    (``teacher.device``); with ``offload`` the model, kept on the CPU, is moved to ``device`` for the forward and
+    back (a host-device copy of its weights each call, i.e. per micro-batch; its head stays on ``device`` until
+    the returned tensors are freed)."""
     if offload:
         model.to(device)
     try:
         with torch.no_grad():
-            h = completion_hidden(model, batch).to(device)
-            hd = modeling.head(model)
-            # detach: a tensor of its own, not the Parameter whose data ``model.to("cpu")`` swaps below
-            return h, hd.weight.detach().to(device), None if hd.bias is None else hd.bias.detach().to(device)
+            # detached: tensors of their own, not the Parameters whose data ``model.to("cpu")`` swaps below
+            return completion_hidden(model, batch).to(device), modeling.head(model).detached(device)
     finally:
         if offload:
             model.to("cpu")
@@ -94,21 +97,25 @@ def frozen_hidden_and_head(model, batch: Rollout, device, offload: bool = False)
 
 def naive_grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp, ref_hidden, ref_weight, bias,
                     ref_bias, temperature, beta, kl_estimator, divergence, divergence_beta, divergence_alpha,
-                    **policy_kw):
-    """The GRPO loss from materialized logits [N, C, V] (plain PyTorch ops of onepass's "torch" backend):
-    what ``onepass.grpo_loss`` computes without them.  For tests and memory comparisons."""
+                    logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None, ref_logit_scale=1.0, **policy_kw):
+    """The GRPO loss from materialized logits [N, C, V] (plain PyTorch ops of onepass's "torch" backend, with
+    each model's soft-cap and scale): what ``onepass.grpo_loss`` computes without them.  For tests and memory
+    comparisons."""
     logits = (hidden @ weight.T + (bias if bias is not None else 0)).float()
     tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
-    logp, ent = onepass.token_logprobs(logits, tk, temperature=temperature, return_entropy=True, backend="torch")
+    cap = dict(logit_softcap=logit_softcap, logit_scale=logit_scale)
+    ref_cap = dict(logit_softcap=ref_logit_softcap, logit_scale=ref_logit_scale)
+    logp, ent = onepass.token_logprobs(logits, tk, temperature=temperature, return_entropy=True, backend="torch", **cap)
     kl = ref_logp = None
     if ref_hidden is not None:
         with torch.no_grad():
             ref_logits = (ref_hidden @ ref_weight.T + (ref_bias if ref_bias is not None else 0)).float()
         if kl_estimator == "full":
             kl = onepass.divergence(logits, ref_logits, kind=divergence, beta=divergence_beta, alpha=divergence_alpha,
-                                    temperature=temperature, targets=tk, backend="torch")
+                                    temperature=temperature, targets=tk, backend="torch", **cap,
+                                    teacher_logit_softcap=ref_logit_softcap, teacher_logit_scale=ref_logit_scale)
         else:   # the estimator (with the KL options' clamps and gradient) is applied by policy_loss
-            ref_logp = onepass.token_logprobs(ref_logits, tk, temperature=temperature, backend="torch")
+            ref_logp = onepass.token_logprobs(ref_logits, tk, temperature=temperature, backend="torch", **ref_cap)
     return onepass.policy_loss(logp, advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp, kl=kl, entropy=ent,
                                beta=beta, kl_estimator=kl_estimator, **policy_kw)
 
@@ -136,7 +143,7 @@ class GRPO(Algorithm):
             hd = modeling.head(model)
             old_logp = onepass.linear_token_logprobs(h, hd.weight, masked_targets(batch), bias=hd.bias,
                                                      temperature=self.cfg.rollout.temperature,
-                                                     backend=self.cfg.loss.backend)
+                                                     backend=self.cfg.loss.backend, **hd.logit_kw())
         batch.extras.update(advantages=adv, old_logp=old_logp)
         if self.loss_cfg.rollout_correction is not None:
             batch.extras["token_weights"] = onepass.corrections.rollout_is_weights(
@@ -172,27 +179,31 @@ class GRPO(Algorithm):
         L = self.loss_cfg
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
-        ref_h = ref_w = ref_b = None
+        ref_h = ref = None
         if self.reference is not None:
-            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, micro, h.device, self.reference_offload)
-        kw = dict(mask=micro.completion_mask, old_logp=micro.extras["old_logp"], ref_hidden=ref_h, ref_weight=ref_w,
-                  bias=hd.bias, temperature=self.cfg.rollout.temperature, beta=L.beta, kl_estimator=L.kl_estimator,
+            ref_h, ref = frozen_hidden_and_head(self.reference, micro, h.device, self.reference_offload)
+        kw = dict(mask=micro.completion_mask, old_logp=micro.extras["old_logp"], ref_hidden=ref_h,
+                  ref_weight=None if ref is None else ref.weight, bias=hd.bias,
+                  ref_bias=None if ref is None else ref.bias, **hd.logit_kw(),
+                  **({} if ref is None else ref.logit_kw("ref_")),
+                  temperature=self.cfg.rollout.temperature, beta=L.beta, kl_estimator=L.kl_estimator,
                   epsilon_low=L.epsilon_low, epsilon_high=L.epsilon_high, dual_clip=L.dual_clip,
                   loss_agg=L.loss_agg, entropy_coef=L.entropy_coef, token_weights=micro.extras.get("token_weights"),
                   sampling_logp=micro.extras.get("sampling_logp") if "off_policy_threshold" in L.options else None,
                   **L.options)
         div = dict(divergence=L.divergence, divergence_beta=L.divergence_beta, divergence_alpha=L.divergence_alpha)
         if L.impl == "naive":
-            return naive_grpo_loss(h, hd.weight, micro.targets, micro.extras["advantages"], ref_bias=ref_b, **kw,
-                                   **div)
-        return onepass.grpo_loss(h, hd.weight, micro.targets, micro.extras["advantages"], ref_bias=ref_b,
+            return naive_grpo_loss(h, hd.weight, micro.targets, micro.extras["advantages"], **kw, **div)
+        return onepass.grpo_loss(h, hd.weight, micro.targets, micro.extras["advantages"],
                                  ref_divergence=div["divergence"], ref_divergence_beta=div["divergence_beta"],
                                  ref_divergence_alpha=div["divergence_alpha"], backend=L.backend, **kw)
 
 
 def naive_opd_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, mask, divergence, beta, alpha,
-                   reward_scale, ref_logp, temperature, loss_agg):
-    """The OPD loss from materialized logits [N, C, V] (plain PyTorch ops of onepass's "torch" backend):
+                   reward_scale, ref_logp, temperature, loss_agg, logit_softcap=None, logit_scale=1.0,
+                   teacher_logit_softcap=None, teacher_logit_scale=1.0):
+    """The OPD loss from materialized logits [N, C, V] (plain PyTorch ops of onepass's "torch" backend, with
+    each model's soft-cap and scale):
     a full-vocabulary kind is agg(D(p, q)); sampled_reverse_kl is agg(−r·ratio) with the detached G-OPD reward
     r = λ(log q − log π_ref) − (log p − log π_ref) (π_ref = p when ``ref_logp`` is None) and ratio 1 carrying
     the gradient of log p.  What ``onepass.opd_loss`` computes without the logits; for tests and memory
@@ -202,16 +213,19 @@ def naive_opd_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, m
         t_logits = (teacher_hidden @ teacher_weight.T).float()
     tk = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
     n = mask.sum().clamp_min(1)
+    cap = dict(logit_softcap=logit_softcap, logit_scale=logit_scale)
+    t_cap = dict(logit_softcap=teacher_logit_softcap, logit_scale=teacher_logit_scale)
     if divergence == "sampled_reverse_kl":
-        logp = onepass.token_logprobs(logits, tk, temperature=temperature, backend="torch")
-        t_logp = onepass.token_logprobs(t_logits, tk, temperature=temperature, backend="torch")
+        logp = onepass.token_logprobs(logits, tk, temperature=temperature, backend="torch", **cap)
+        t_logp = onepass.token_logprobs(t_logits, tk, temperature=temperature, backend="torch", **t_cap)
         ref = logp.detach() if ref_logp is None else ref_logp
         reward = (reward_scale * (t_logp - ref) - (logp.detach() - ref)) * mask
         loss, _ = onepass.policy_loss(logp, reward, mask=mask, loss_agg=loss_agg)
         return loss, ((logp.detach() - t_logp) * mask).sum() / n
     div = onepass.divergence(logits, t_logits, kind=divergence, beta=beta, alpha=alpha, temperature=temperature,
-                             targets=tk, backend="torch")
-    logp = onepass.token_logprobs(logits.detach(), tk, temperature=temperature, backend="torch")
+                             targets=tk, backend="torch", teacher_logit_softcap=teacher_logit_softcap,
+                             teacher_logit_scale=teacher_logit_scale, **cap)
+    logp = onepass.token_logprobs(logits.detach(), tk, temperature=temperature, backend="torch", **cap)
     loss, _ = onepass.policy_loss(logp, torch.zeros_like(logp), mask=mask, kl=div, beta=1.0, loss_agg=loss_agg)
     return loss, (div.detach() * mask).sum() / n
 
@@ -266,28 +280,28 @@ class OPD(Algorithm):
     def prepare(self, model, batch: Rollout) -> dict:
         _, metrics = self.score(batch)
         if self.reference is not None:
-            ref_h, ref_w, ref_b = frozen_hidden_and_head(self.reference, batch, batch.input_ids.device)
+            ref_h, ref = frozen_hidden_and_head(self.reference, batch, batch.input_ids.device)
             batch.extras["ref_logp"] = onepass.linear_token_logprobs(
-                ref_h, ref_w, masked_targets(batch), bias=ref_b, temperature=self.cfg.distill.temperature,
-                backend=self.cfg.loss.backend)
+                ref_h, ref.weight, masked_targets(batch), bias=ref.bias, temperature=self.cfg.distill.temperature,
+                backend=self.cfg.loss.backend, **ref.logit_kw())
         return metrics
 
     def loss(self, model, micro: Rollout):
         d, L = self.cfg.distill, self.cfg.loss
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
-        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
+        t_h, t = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
         kw = dict(mask=micro.completion_mask, divergence=d.divergence, beta=d.beta, alpha=d.alpha,
                   reward_scale=d.reward_scale, temperature=d.temperature,
                   ref_logp=micro.extras.get("ref_logp") if d.divergence == "sampled_reverse_kl" else None,
-                  loss_agg=L.loss_agg)
+                  loss_agg=L.loss_agg, **hd.logit_kw(), **t.logit_kw("teacher_"))
         if L.impl == "naive":
-            if hd.bias is not None or t_b is not None:
+            if hd.bias is not None or t.bias is not None:
                 raise ValueError("loss.impl: naive does not handle LM-head biases; use loss.impl: fused")
-            loss, div = naive_opd_loss(h, hd.weight, t_h, t_w, micro.targets, **kw)
+            loss, div = naive_opd_loss(h, hd.weight, t_h, t.weight, micro.targets, **kw)
             return loss, {"divergence": div}
-        loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, student_bias=hd.bias, teacher_bias=t_b,
-                                   backend=L.backend, **kw)
+        loss, m = onepass.opd_loss(h, hd.weight, t_h, t.weight, micro.targets, student_bias=hd.bias,
+                                   teacher_bias=t.bias, backend=L.backend, **kw)
         div = m["reverse_kl_sampled"] if d.divergence == "sampled_reverse_kl" else m["divergence"]
         return loss, {"divergence": div}
 
@@ -318,10 +332,10 @@ class KDRL(GRPO):
         return loss, m
 
 
-def token_logits(hidden, weight, bias, mask) -> torch.Tensor:
-    """The logits [n, V] of the n masked-in tokens only (SinKD's point clouds)."""
-    logits = hidden[mask.bool()] @ weight.T
-    return logits if bias is None else logits + bias
+def token_logits(hidden, head: modeling.Head, mask) -> torch.Tensor:
+    """The model's logits (soft-cap and scale applied), float32 [n, V], of the n masked-in tokens only (SinKD's
+    point clouds)."""
+    return head.logits(hidden[mask.bool()])
 
 
 class OfflineKD(OPD):
@@ -348,16 +362,17 @@ class OfflineKD(OPD):
         d, L = self.cfg.distill, self.cfg.loss
         h = completion_hidden(model, micro)
         hd = modeling.head(model)
-        t_h, t_w, t_b = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
-        div_loss, m = onepass.opd_loss(h, hd.weight, t_h, t_w, micro.targets, mask=micro.completion_mask,
+        t_h, t = frozen_hidden_and_head(self.teacher, micro, h.device, self.cfg.teacher.offload)
+        div_loss, m = onepass.opd_loss(h, hd.weight, t_h, t.weight, micro.targets, mask=micro.completion_mask,
                                        divergence=d.divergence, beta=d.beta, alpha=d.alpha,
-                                       temperature=d.temperature, student_bias=hd.bias, teacher_bias=t_b,
-                                       loss_agg=L.loss_agg, backend=L.backend)
+                                       temperature=d.temperature, student_bias=hd.bias, teacher_bias=t.bias,
+                                       loss_agg=L.loss_agg, backend=L.backend, **hd.logit_kw(),
+                                       **t.logit_kw("teacher_"))
         metrics = {"divergence": m["divergence"]}
         loss = d.coef * div_loss
         if d.sinkhorn_coef:
-            sink = onepass.sinkhorn_distance(token_logits(h, hd.weight, hd.bias, micro.completion_mask),
-                                             token_logits(t_h, t_w, t_b, micro.completion_mask),
+            sink = onepass.sinkhorn_distance(token_logits(h, hd, micro.completion_mask),
+                                             token_logits(t_h, t, micro.completion_mask),
                                              epsilon=d.sinkhorn_epsilon, n_iters=d.sinkhorn_iters,
                                              temperature=d.sinkhorn_temperature, backend=L.backend)
             loss = loss + d.sinkhorn_coef * sink
@@ -365,26 +380,29 @@ class OfflineKD(OPD):
         return loss, metrics
 
 
-def bdkd_token_terms(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *, temperature,
-                     backend):
-    """BD-KD's per-token pieces with onepass's fused ops, [N, C] float32 each (−100 targets give 0):
+def bdkd_token_terms(hidden, head: modeling.Head, teacher_hidden, teacher_head: modeling.Head, targets, *,
+                     temperature, backend):
+    """BD-KD's per-token pieces with onepass's fused ops, [N, C] float32 each (−100 targets give 0), on each
+    model's logits (its own soft-cap and scale, ``modeling.Head``):
     ce / teacher_ce: −log p(y), −log q(y) at temperature 1 (p the student, q the teacher);
     entropy / teacher_entropy: H(p_T), H(q_T) at ``temperature`` (no gradient: they only pick the weights);
     forward_kl = KL(q_T‖p_T) and reverse_kl = KL(p_T‖q_T) with gradients to the student only;
     teacher_kl = KL(p_T‖q_T) with gradients to the teacher only (the same value as reverse_kl)."""
     T = temperature
-    s, t = (hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias)
-    s_d, t_d = tuple(None if x is None else x.detach() for x in s), tuple(None if x is None else x.detach() for x in t)
+    s, t = (hidden, head), (teacher_hidden, teacher_head)
+    s_d, t_d = (hidden.detach(), head.detached()), (teacher_hidden.detach(), teacher_head.detached())
 
     def kl(a, b, kind):
-        return onepass.linear_divergence(a[0], a[1], b[0], b[1], student_bias=a[2], teacher_bias=b[2], kind=kind,
-                                         temperature=T, targets=targets, backend=backend)
+        return onepass.linear_divergence(a[0], a[1].weight, b[0], b[1].weight, student_bias=a[1].bias,
+                                         teacher_bias=b[1].bias, kind=kind, temperature=T, targets=targets,
+                                         backend=backend, **a[1].logit_kw(), **b[1].logit_kw("teacher_"))
 
     def ce_and_entropy(m, m_d):
-        logp = onepass.linear_token_logprobs(m[0], m[1], targets, bias=m[2], backend=backend)
+        logp = onepass.linear_token_logprobs(m[0], m[1].weight, targets, bias=m[1].bias, backend=backend,
+                                             **m[1].logit_kw())
         with torch.no_grad():
-            _, ent = onepass.linear_token_logprobs(m_d[0], m_d[1], targets, bias=m_d[2], temperature=T,
-                                                   return_entropy=True, backend=backend)
+            _, ent = onepass.linear_token_logprobs(m_d[0], m_d[1].weight, targets, bias=m_d[1].bias, temperature=T,
+                                                   return_entropy=True, backend=backend, **m_d[1].logit_kw())
         return -logp, ent
 
     ce, ent = ce_and_entropy(s, s_d)
@@ -393,11 +411,10 @@ def bdkd_token_terms(hidden, weight, bias, teacher_hidden, teacher_weight, teach
                 reverse_kl=kl(s, t_d, "reverse_kl"), teacher_kl=kl(s_d, t, "reverse_kl"))
 
 
-def naive_bdkd_token_terms(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, *,
+def naive_bdkd_token_terms(hidden, head: modeling.Head, teacher_hidden, teacher_head: modeling.Head, targets, *,
                            temperature, backend=None):
     """``bdkd_token_terms`` from materialized logits [N, C, V] (plain PyTorch); for tests and memory comparisons."""
-    logits = (hidden @ weight.T + (0 if bias is None else bias)).float()
-    t_logits = (teacher_hidden @ teacher_weight.T + (0 if teacher_bias is None else teacher_bias)).float()
+    logits, t_logits = head.logits(hidden), teacher_head.logits(teacher_hidden)
     valid = targets != -100
     y = targets.clamp_min(0).unsqueeze(-1)
 
@@ -458,11 +475,10 @@ class BDKD(OfflineKD):
         h = completion_hidden(model, micro)
         hd, thd = modeling.head(model), modeling.head(self.teacher)
         t_h = completion_hidden(self.teacher, micro).to(h.device)
-        t_w, t_b = thd.weight.to(h.device), None if thd.bias is None else thd.bias.to(h.device)
+        thd = replace(thd, weight=thd.weight.to(h.device), bias=None if thd.bias is None else thd.bias.to(h.device))
         mask = micro.completion_mask
         terms_fn = naive_bdkd_token_terms if L.impl == "naive" else bdkd_token_terms
-        x = terms_fn(h, hd.weight, hd.bias, t_h, t_w, t_b, masked_targets(micro), temperature=d.temperature,
-                     backend=L.backend)
+        x = terms_fn(h, hd, t_h, thd, masked_targets(micro), temperature=d.temperature, backend=L.backend)
         student_confident = x["entropy"] < x["teacher_entropy"]
         w_f = torch.where(student_confident, d.balance_major, d.balance_minor)
         w_r = torch.where(student_confident, d.balance_minor, d.balance_major)

@@ -3,47 +3,100 @@
 The trainer never asks the model for training logits: it calls the backbone (``get_decoder()``) for the
 hidden states [B, T, D] and hands them with the LM-head weight [V, D] (the input embedding when the
 embeddings are tied; ``nn.Linear`` layout either way) to onepass's fused ops.  Architectures that change
-the logits after the head (a final logit soft-cap, a logit scale) are refused with a clear error: the fused ops
-take them (``logit_softcap`` / ``logit_scale``), but the trainer's algorithms do not pass them yet.
+the logits after the head with a logit scale s and/or a final soft-cap c (the model's logits are
+c·tanh(s·ℓ/c) of the head's output ℓ: Gemma 2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
+``logits_scaling``, ...) are trained with the same map inside the ops: ``Head`` carries (softcap, scale) and
+``Head.logit_kw`` gives the ops' ``logit_softcap`` / ``logit_scale`` keywords (``ref_`` / ``teacher_`` ones
+for the second model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from onepass._contract import LogitMap
+from onepass.integrations._common import check_logit_postprocessing, logit_postprocessing
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Config keys that read like a final-logit cap or scale but that no transformers causal LM applies: their
+# meaning is unknown, so a model that sets one is refused rather than trained with a guessed map.
+UNKNOWN_LOGIT_KEYS = ("logit_softcapping", "output_multiplier_scale")
 
 
 @dataclass
 class Head:
+    """An LM head and the map of its output ℓ = hidden @ weight.T + bias to the model's logits:
+    c·tanh(s·ℓ/c) with s = ``scale`` and c = ``softcap`` (s·ℓ when ``softcap`` is None)."""
+
     weight: torch.Tensor            # [V, D]
     bias: Optional[torch.Tensor]    # [V] or None
+    softcap: Optional[float] = None
+    scale: float = 1.0
+
+    def logit_kw(self, prefix: str = "") -> dict:
+        """The onepass ops' keywords for this map: ``{prefix}logit_softcap`` and ``{prefix}logit_scale``
+        (prefix "" for the policy / student, "ref_" or "teacher_" for the second model of a two-model op)."""
+        return {f"{prefix}logit_softcap": self.softcap, f"{prefix}logit_scale": self.scale}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits, materialized: hidden [..., D] → float32 [..., V] (the naive paths and SinKD).
+        The matmul runs in the head's dtype, the map in float32."""
+        z = hidden @ self.weight.T
+        z = (z if self.bias is None else z + self.bias).float()
+        return LogitMap.from_public(1.0, self.softcap, self.scale).apply(z)
+
+    def detached(self, device=None) -> "Head":
+        """The same map with the weight and bias detached (tensors of their own, not the Parameters), moved to
+        ``device`` (None: where they are)."""
+        return replace(self, weight=self.weight.detach().to(device),
+                       bias=None if self.bias is None else self.bias.detach().to(device))
 
 
-def check_supported(model: nn.Module) -> None:
-    cfg = model.config
-    for key in ("final_logit_softcapping", "logit_softcapping"):
-        if getattr(cfg, key, None):
-            raise ValueError(f"{type(model).__name__} applies a final logit soft-cap ({key}={getattr(cfg, key)}); "
-                             "the onepass ops take it (logit_softcap=...), but the trainer's algorithms do not pass it "
-                             "yet")
-    for key in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+def logit_softcap_and_scale(model: nn.Module) -> tuple[Optional[float], float]:
+    """(c, s) of a Hugging Face causal LM whose forward returns the logits c·tanh(s·ℓ/c) (s·ℓ when c is None) of
+    its LM head's output ℓ.
+
+    Which config key means what is read by ``onepass.integrations._common.logit_postprocessing`` (one table for
+    the integrations and the trainer), checked against transformers' modeling code: ``final_logit_softcapping``
+    is c (Gemma 2/3/3n/4, VaultGemma, nanochat, ...); ``logit_scale`` (Cohere, Cohere 2), ``output_multiplier``
+    (applied before the cap) and ``lm_head_multiplier`` (Falcon-H1) multiply; Granite and MiniCPM3 divide by
+    ``logits_scaling`` (s = 1/logits_scaling), HyperCLOVA X multiplies by it.  Raises ``ValueError`` naming the
+    key for a cap or scale that is not a finite number > 0, for a key of unknown meaning (``UNKNOWN_LOGIT_KEYS``)
+    and for an LM head whose forward is not ``nn.Linear``'s (e.g. Dory's learned per-token logit scale).
+    """
+    name, cfg = type(model).__name__, model.config
+    for key in UNKNOWN_LOGIT_KEYS:
         if getattr(cfg, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} scales its logits ({key}={getattr(cfg, key)}); the onepass "
-                             "ops take it (logit_scale=...), but the trainer's algorithms do not pass it yet")
-    if model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+            raise ValueError(f"{name}: config.{key}={getattr(cfg, key)!r} is not a logit soft-cap or scale that the "
+                             "trainer knows the meaning of (no transformers causal LM reads it)")
+    out = model.get_output_embeddings()
+    if out is None:
+        raise ValueError(f"{name} has no output embeddings (LM head)")
+    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
+        raise ValueError(f"{name}: its LM head ({type(out).__name__}) is not a plain nn.Linear; the trainer "
+                         "computes the logits as hidden @ weight.T + bias and would miss what its forward adds")
+    try:
+        scale, softcap = logit_postprocessing(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: its config's logit scale is not a number: {e}") from e
+    check_logit_postprocessing(scale, softcap, f"{name}.config.")
+    if not math.isfinite(scale) or (softcap is not None and not math.isfinite(softcap)):
+        raise ValueError(f"{name}: the logit scale {scale} and final_logit_softcapping {softcap} of its config must "
+                         "be finite")
+    return (None if softcap is None else float(softcap)), scale
 
 
 def load_model(path: str | Path, dtype: str, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
-    check_supported(model)
+    logit_softcap_and_scale(model)   # refuse what the trainer cannot reproduce, before training starts
     if gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()  # transformers renamed it (v5); the old name warns
@@ -62,9 +115,10 @@ def load_tokenizer(path: str | Path):
 
 
 def head(model: nn.Module) -> Head:
-    """The LM head as (weight [V, D], bias [V] or None); tied embeddings share the input embedding."""
+    """The LM head (weight [V, D], bias [V] or None; tied embeddings share the input embedding) with the
+    model's logit soft-cap and scale (``logit_softcap_and_scale``)."""
     out = model.get_output_embeddings()
-    return Head(out.weight, getattr(out, "bias", None))
+    return Head(out.weight, getattr(out, "bias", None), *logit_softcap_and_scale(model))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
