@@ -45,10 +45,11 @@ class Head:
         return {f"{prefix}logit_softcap": self.softcap, f"{prefix}logit_scale": self.scale}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits, materialized: hidden [..., D] → float32 [..., V] (the naive paths and SinKD).
-        The matmul runs in the head's dtype, the map in float32."""
+        """The model's logits, materialized: hidden [..., D] → [..., V] float32 (float64 for a float64 head), for
+        the naive paths and SinKD.  The matmul runs in the head's dtype, the map in float32 (float64)."""
         z = hidden @ self.weight.T
-        z = (z if self.bias is None else z + self.bias).float()
+        z = z if self.bias is None else z + self.bias
+        z = z if z.dtype == torch.float64 else z.float()
         return LogitMap.from_public(1.0, self.softcap, self.scale).apply(z)
 
     def detached(self, device=None) -> "Head":

@@ -8,7 +8,9 @@ engine (``rollout.generate``): left-padded prompt ids from the same tokenizer ca
 after their end, the completion mask up to and including the first EOS.  vLLM's own log-probs of the
 sampled tokens (after temperature / top-p / top-k, ``logprobs_mode="processed_logprobs"``) are kept in
 ``extras["sampling_logp"]`` [N, C] for off-policy corrections; the loss's old log-probs still come from
-``onepass.linear_token_logprobs`` on the trainer's model.
+``onepass.linear_token_logprobs`` on the trainer's model, with the model's logit soft-cap and scale (vLLM's
+logits processor applies the same ``final_logit_softcapping`` / logit scale, so both are log-probs of one
+distribution up to numerics and top-p / top-k).
 """
 from __future__ import annotations
 
