@@ -1,8 +1,8 @@
 """The trainers on models whose logits are soft-capped / scaled after the LM head (Gemma 2
 ``final_logit_softcapping``, Granite ``logits_scaling``, Cohere ``logit_scale``): the (cap, scale) read from the
-config reproduces the HF forward's logits; GRPO's, OPD's and offline distillation's loss and policy gradients
-equal float64 references computed from the models' OWN logits (``model(...).logits``, where HF applies the
-map) with ``onepass.reference``; KDRL and BD-KD fused equal naive; the rollout log-probs (HF generate's old
+config reproduces the HF forward's logits; GRPO's, KDRL's, OPD's and offline distillation's loss and policy
+gradients equal float64 references computed from the models' OWN logits (``model(...).logits``, where HF applies
+the map) with ``onepass.reference``; BD-KD fused equals naive; the rollout log-probs (HF generate's old
 log-probs, the vLLM engine's sampling log-probs) are those of the capped distribution; short runs; what is
 still refused."""
 from __future__ import annotations
@@ -91,13 +91,12 @@ def perturb(model, seed: int = 3, std: float = 0.05):
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-def assert_matches_reference(trainer_result, loss64, model64, metric64=None):
+def assert_matches_reference(trainer_result, loss64, model64, metric64):
     """The trainer's (loss, metric, grads) equal the float64 reference's loss, metric and parameter gradients."""
     loss, metric, grads = trainer_result
     loss64.backward()
     assert loss == pytest.approx(loss64.item(), rel=LOSS_RTOL, abs=1e-7)
-    if metric64 is not None:
-        assert metric == pytest.approx(float(metric64), rel=LOSS_RTOL, abs=1e-7)
+    assert metric == pytest.approx(float(metric64), rel=LOSS_RTOL, abs=1e-7)
     want = {n: p.grad for n, p in model64.named_parameters() if p.grad is not None}
     assert grads.keys() == want.keys() and grads
     for name, g in want.items():

@@ -333,9 +333,9 @@ class KDRL(GRPO):
 
 
 def token_logits(hidden, head: modeling.Head, mask) -> torch.Tensor:
-    """The model's logits (soft-cap and scale applied), float32 [n, V], of the n masked-in tokens only (SinKD's
-    point clouds)."""
-    return head.logits(hidden[mask.bool()])
+    """The model's logits (soft-cap and scale applied in float32), [n, V] in the hidden states' dtype, of the n
+    masked-in tokens only (SinKD's point clouds)."""
+    return head.logits(hidden[mask.bool()]).to(hidden.dtype)
 
 
 class OfflineKD(OPD):
