@@ -77,17 +77,19 @@ reduce-scatters the weight's gradient to the shards as for any layer.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _dispatch, _validate
+from . import _dispatch, _validate, losses
 from ._contract import Kind, LogitMap, Stat, VocabStats, kernel_kind, stats_dtype
 from ._ops.vocab_stats import LinearGradAccumulator, _chunk_logits_pair, _rows_per_chunk, linear_vocab_stats, rows
 from .kl import policy_ref_outputs
-from .losses import (MASKED_TARGET, OPD_SAMPLED, _constants, _weighted_sum, aggregation_weights, check_grpo_inputs,
-                     check_opd_inputs, masked_targets, opd_metrics, opd_token_loss, policy_loss, token_kl)
+from .losses import (MASKED_TARGET, OPD_SAMPLED, _constants, _weighted_sum, aggregation_weights, check_opd_inputs,
+                     masked_targets, opd_metrics, opd_token_loss)
 from .reference.vocab import divergence_from_logprobs
 
 #: Divergence kinds whose sums split over vocabulary shards (see the module docstring); the others take
@@ -429,31 +431,38 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     return stats.div
 
 
-def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_logp=None, ref_hidden=None,
-              ref_weight=None, bias=None, ref_bias=None, temperature=1.0, beta=0.0, kl_estimator="k3",
-              ref_divergence="reverse_kl", ref_divergence_beta=0.5, ref_divergence_alpha=0.5,
-              epsilon_low=0.2, epsilon_high=0.2, dual_clip=None, loss_agg="token-mean", entropy_coef=0.0,
-              logit_softcap=None, logit_scale=1.0, ref_logit_softcap=None, ref_logit_scale=1.0, backend="auto",
-              group=None, vocab_start=None):
-    """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: the distributed
-    stats, then the per-token KL of ``kl_estimator`` (with "full": the ``ref_divergence`` penalty, any kind)
-    and ``policy_loss`` (replicated on every rank).  Returns (loss, metrics); gradients to the policy only."""
-    check_grpo_inputs(hidden, weight, targets, advantages, mask=mask, bias=bias, old_logp=old_logp, ref_logp=ref_logp,
-                      ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl_estimator=kl_estimator,
-                      beta=beta, ref_divergence=ref_divergence)
-    kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
-                                 if kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
-    two = ref_hidden is not None
-    group, logit_map, be = _prepare("grpo_loss", backend, hidden, group, temperature, logit_softcap, logit_scale,
-                                    ref_logit_softcap, ref_logit_scale, second_prefix="ref_")
-    ref_head = _Head(ref_hidden, ref_weight, ref_bias, group, detach=True) if two else None
-    stats = _vocab_parallel_stats(_Head(hidden, weight, bias, group), ref_head, masked_targets(targets, mask),
-                                  targets.shape, MASKED_TARGET, logit_map, kind, True, True, be, group, vocab_start,
-                                  div_beta, div_alpha)
-    kl = token_kl(stats, _constants(mask, ref_logp=ref_logp)["ref_logp"], kl_estimator, two)
-    return policy_loss(stats.logp_a, advantages, mask=mask, old_logp=old_logp, kl=kl, entropy=stats.entropy,
-                       beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, dual_clip=dual_clip,
-                       loss_agg=loss_agg, entropy_coef=entropy_coef)
+def grpo_loss(hidden, weight, targets, advantages, *, group=None, vocab_start=None, **kwargs):
+    """``onepass.grpo_loss`` with vocabulary shards of the policy (and reference) heads: every argument and loss
+    option of ``onepass.grpo_loss`` (bound against its signature: same names, defaults and checks; packed
+    sequences too), ``weight`` / ``bias`` / ``ref_weight`` / ``ref_bias`` this rank's rows, targets global ids.
+    The distributed stats [rows] (policy logp and entropy, the reference's logp or, with
+    ``kl_estimator="full"``, the ``ref_divergence`` penalty of any kind), then the single-device loss's
+    per-token function on them (replicated on every rank) and its metrics.  Returns (loss, metrics);
+    gradients to the policy only.  A random objective (clip_cov) draws from ``generator`` on every rank:
+    give each rank a generator in the same state (the default is seeded alike on every rank)."""
+    bound = losses.GRPO_SIGNATURE.bind(hidden, weight, targets, advantages, **kwargs)
+    bound.apply_defaults()
+    args = bound.arguments
+    setup = losses.grpo_setup("distributed.grpo_loss", **args)
+    group = _resolve_group(group)
+    two = setup.ref_hidden is not None
+    ref_head = _Head(setup.ref_hidden, args["ref_weight"], args["ref_bias"], group, detach=True) if two else None
+    sweep = setup.sweep
+    stats = _vocab_parallel_stats(_Head(setup.hidden, weight, args["bias"], group), ref_head,
+                                  masked_targets(targets, args["mask"]), targets.shape, MASKED_TARGET,
+                                  sweep["logit_map"], sweep["kind"], True, True, sweep["backend"], group, vocab_start,
+                                  sweep["beta"], sweep["alpha"])
+    return setup.token_loss(stats, **setup.inputs).sum(), setup.metrics(stats.detach())
+
+
+def _signature_with_group(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` with the keywords ``group=None, vocab_start=None`` before its ``**options``."""
+    params = list(signature.parameters.values())
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("group", "vocab_start")]
+    return signature.replace(parameters=params[:-1] + extra + params[-1:])
+
+
+grpo_loss.__signature__ = _signature_with_group(losses.GRPO_SIGNATURE)
 
 
 def opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None, *, mask,

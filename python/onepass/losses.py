@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+import inspect
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from torch import Tensor
 from . import _dispatch, _validate
 from ._contract import DIVERGENCES, Kind, VocabStats, kernel_kind
 from ._ops.fused_loss import linear_token_loss
-from .kl import check_estimator, kl_estimate
+from .kl import check_estimator
 from .policy_terms import (Aggregation, PolicyTerms, default_generator, sequence_weights_per_token, term_weights,
                            token_contributions)
 
@@ -278,15 +279,6 @@ def _loss_targets(targets, mask, v):
     return _validate.check_targets(masked_targets(targets, mask), targets.shape, v, MASKED_TARGET).view(targets.shape)
 
 
-def token_kl(stats: VocabStats, ref_logp, kl_estimator: str, reference_in_sweep: bool):
-    """Per-token KL to the reference: the sweep's exact KL ("full"), or an estimator on the sampled token
-    with the reference log-probs of the sweep or given; None without a reference."""
-    if kl_estimator == "full":
-        return stats.div
-    ref = stats.logp_b if reference_in_sweep else ref_logp
-    return None if ref is None else kl_estimate(stats.logp_a, ref, kl_estimator)
-
-
 def grpo_token_loss(stats: VocabStats, advantages: Tensor, w_pg: Tensor, w_kl=None, w_entropy=None, old_logp=None,
                     ref_logp=None, token_weights=None, sampling_logp=None, *, terms: PolicyTerms,
                     aggregation: Aggregation, reference_in_sweep: bool, layout: SequenceLayout,
@@ -309,8 +301,9 @@ def grpo_token_loss(stats: VocabStats, advantages: Tensor, w_pg: Tensor, w_kl=No
 def check_grpo_inputs(hidden, weight, targets, advantages, *, mask, bias, old_logp, ref_logp, ref_hidden,
                       ref_weight, ref_bias, kl_estimator, beta, ref_divergence="reverse_kl", packed=False,
                       num_sequences=None) -> int:
-    """The argument checks of ``grpo_loss`` (shared with ``onepass.distributed.grpo_loss``); returns the V of
-    ``weight`` (the shard's rows for a vocabulary-parallel head; targets are range-checked by the caller).
+    """The argument checks of ``grpo_loss`` (``grpo_setup``'s, so also ``onepass.distributed.grpo_loss``'s);
+    returns the V of ``weight`` (the shard's rows for a vocabulary-parallel head; targets are range-checked by
+    the caller).
     ``packed``: hidden [N, D], targets/mask [N], advantages [N] or [``num_sequences``]."""
     v = _check_loss_inputs(hidden, weight, targets, mask, bias, packed=packed)
     _validate.check_float("advantages", advantages)
@@ -404,7 +397,72 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     Returns (loss scalar (float32; float64 for float64 inputs), metrics dict of detached scalars: pg_loss,
     ppo_kl, ratio_mean, the objective's clip fractions, entropy, and kl when a reference is given).
     """
-    terms, aggregation = loss_options("grpo_loss", options)
+    setup = grpo_setup("grpo_loss", hidden=hidden, weight=weight, targets=targets, advantages=advantages, mask=mask,
+                       old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden, ref_weight=ref_weight, bias=bias,
+                       ref_bias=ref_bias, temperature=temperature, ref_divergence=ref_divergence,
+                       ref_divergence_beta=ref_divergence_beta, ref_divergence_alpha=ref_divergence_alpha,
+                       token_weights=token_weights, sampling_logp=sampling_logp, cu_seqlens=cu_seqlens, seq_ids=seq_ids,
+                       logit_softcap=logit_softcap, logit_scale=logit_scale, ref_logit_softcap=ref_logit_softcap,
+                       ref_logit_scale=ref_logit_scale, backend=backend, options=options)
+    loss, stats = linear_token_loss(setup.token_loss, torch.ones_like(setup.inputs["w_pg"]), setup.inputs,
+                                    setup.hidden, weight, bias, setup.ref_hidden, ref_weight, ref_bias,
+                                    targets=_loss_targets(targets, mask, setup.v), need_entropy=True,
+                                    row_elementwise=setup.terms.row_elementwise, **setup.sweep)
+    return loss, setup.metrics(stats)
+
+
+#: ``grpo_loss``'s signature: ``onepass.distributed.grpo_loss`` binds its arguments against it (same keywords,
+#: same defaults) and gives them to ``grpo_setup``.
+GRPO_SIGNATURE = inspect.signature(grpo_loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoSetup:
+    """A validated ``grpo_loss`` call up to the vocabulary sweep (shared with ``onepass.distributed.grpo_loss``):
+    ``hidden`` / ``ref_hidden`` (packed [1, N, D] as [N, D]), the sweep's keywords ``sweep`` (logit_map,
+    backend, kind, beta, alpha of the full-vocabulary penalty), V = ``v`` of ``weight`` (a shard's rows for a
+    vocabulary-parallel head), the per-token inputs ``inputs`` [rows] (constants, aggregation weights) and
+    ``token_loss`` (``grpo_token_loss`` with the options): loss = Σ_rows token_loss(stats, **inputs)."""
+    hidden: Tensor
+    ref_hidden: Optional[Tensor]
+    v: int
+    terms: PolicyTerms
+    aggregation: Aggregation
+    layout: SequenceLayout
+    grid_mask: Tensor
+    consts: dict  # the per-token constants on the grid (None where not given)
+    inputs: dict
+    token_loss: Callable
+    sweep: dict
+    generator_state: Optional[Tensor]  # the objective's generator before the loss's draw
+
+    def metrics(self, stats: VocabStats) -> dict:
+        """The metrics of ``grpo_loss`` from the sweep's stats [rows] (detached; a random objective sees the
+        same draw as the loss)."""
+        terms, layout, consts = self.terms, self.layout, self.consts
+        with torch.no_grad():
+            if self.generator_state is not None:
+                after = terms.generator.get_state()
+                terms.generator.set_state(self.generator_state)
+            grid_stats = VocabStats(layout.grid(stats.tensor))
+            kl = grid_stats.div if terms.kl_estimator == "full" else None
+            ref = grid_stats.logp_b if self.ref_hidden is not None and kl is None else consts["ref_logp"]
+            _, metrics = _policy_loss(terms, self.aggregation, grid_stats.logp_a, consts["advantages"], self.grid_mask,
+                                      old_logp=consts["old_logp"], kl=kl, ref_logp=ref, entropy=grid_stats.entropy,
+                                      token_weights=consts["token_weights"], sampling_logp=consts["sampling_logp"])
+            if self.generator_state is not None:
+                terms.generator.set_state(after)
+        return metrics
+
+
+def grpo_setup(where: str, *, hidden, weight, targets, advantages, mask, old_logp, ref_logp, ref_hidden, ref_weight,
+               bias, ref_bias, temperature, ref_divergence, ref_divergence_beta, ref_divergence_alpha, token_weights,
+               sampling_logp, cu_seqlens, seq_ids, logit_softcap, logit_scale, ref_logit_softcap, ref_logit_scale,
+               backend, options: dict) -> GrpoSetup:
+    """Validate a ``grpo_loss`` call of the public function ``where`` (every argument of ``GRPO_SIGNATURE``,
+    the loss options as the dict ``options``) and build its ``GrpoSetup``.  Targets are not range-checked here
+    (the caller knows the vocabulary size)."""
+    terms, aggregation = loss_options(where, options)
     layout_given = cu_seqlens is not None or seq_ids is not None
     hidden, ref_hidden = _packed_hidden(hidden, layout_given), _packed_hidden(ref_hidden, layout_given)
     layout = _layout_of(hidden, cu_seqlens, seq_ids)
@@ -422,7 +480,7 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     kind, div_beta, div_alpha = (kernel_kind(ref_divergence, ref_divergence_beta, ref_divergence_alpha)
                                  if terms.kl_estimator == "full" else (Kind.NONE, 0.0, 0.0))
     logit_map = _validate.logit_map(temperature, logit_softcap, logit_scale, ref_logit_softcap, ref_logit_scale, "ref_")
-    be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", "grpo_loss")
+    be = _dispatch.resolve_backend(backend, hidden, "vocab_stats", where)
 
     # per-token constants and aggregation weights in the padded grid, then as the sweep's rows
     grid_mask = layout.grid(mask)
@@ -438,24 +496,10 @@ def grpo_loss(hidden, weight, targets, advantages, *, mask, old_logp=None, ref_l
     token_loss = functools.partial(grpo_token_loss, terms=terms, aggregation=aggregation, reference_in_sweep=two,
                                    layout=SequenceLayout() if rows_apart else layout,
                                    mask=None if rows_apart else grid_mask)
-    generator_state = terms.generator.get_state() if terms.needs_generator_state() else None
-    loss, stats = linear_token_loss(token_loss, torch.ones_like(inputs["w_pg"]), inputs, hidden, weight, bias,
-                                    ref_hidden, ref_weight, ref_bias, targets=_loss_targets(targets, mask, v),
-                                    logit_map=logit_map, backend=be, kind=kind, beta=div_beta, alpha=div_alpha,
-                                    need_entropy=True, row_elementwise=rows_apart)
-    with torch.no_grad():
-        if generator_state is not None:  # the metrics see the same random draw as the loss
-            after = terms.generator.get_state()
-            terms.generator.set_state(generator_state)
-        grid_stats = VocabStats(layout.grid(stats.tensor))
-        kl = grid_stats.div if terms.kl_estimator == "full" else None
-        ref = grid_stats.logp_b if two and kl is None else consts["ref_logp"]
-        _, metrics = _policy_loss(terms, aggregation, grid_stats.logp_a, consts["advantages"], grid_mask,
-                                  old_logp=consts["old_logp"], kl=kl, ref_logp=ref, entropy=grid_stats.entropy,
-                                  token_weights=consts["token_weights"], sampling_logp=consts["sampling_logp"])
-        if generator_state is not None:
-            terms.generator.set_state(after)
-    return loss, metrics
+    return GrpoSetup(hidden=hidden, ref_hidden=ref_hidden, v=v, terms=terms, aggregation=aggregation, layout=layout,
+                     grid_mask=grid_mask, consts=consts, inputs=inputs, token_loss=token_loss,
+                     sweep=dict(logit_map=logit_map, backend=be, kind=kind, beta=div_beta, alpha=div_alpha),
+                     generator_state=terms.generator.get_state() if terms.needs_generator_state() else None)
 
 
 def _opd_reward(logp, teacher_logp, ref_logp, reward_scale):
