@@ -214,11 +214,12 @@ def full_matrix() -> list[Variant]:
 
 
 #: The CI subset (a few bf16 variants per target; ``--full`` compiles all of them): one and two models,
-#: one- and two-sweep divergence kinds, the logits and fused-linear paths, forward, dL/dlogits and the
-#: fused-linear backward (``linear_vocab_stats_bwd``, whose two-model form was the one spilling on sm_90).
+#: one- and two-sweep divergence kinds, the logits and fused-linear paths, forward (whole-vocabulary and
+#: split: both sweeps and merges), dL/dlogits and the fused-linear backward (``linear_vocab_stats_bwd``,
+#: whose two-model form was the one spilling on sm_90).
 SUBSET = {
-    90: ("linear_fwd-bf16-single-nobias", "linear_fwd-bf16-pair-jsd-bias", "linear_bwd-bf16-pair-reverse_kl-nobias",
-         "logits_fwd-bf16-pair-tv", "logits_bwd-bf16-single"),
+    90: ("linear_fwd-bf16-single-nobias", "linear_fwd-bf16-pair-jsd-bias", "linear_fwd_split-bf16-pair-jsd-bias",
+         "linear_bwd-bf16-pair-reverse_kl-nobias", "logits_fwd-bf16-pair-tv", "logits_bwd-bf16-single"),
     80: ("linear_fwd-bf16-pair-jsd-nobias", "linear_bwd-bf16-single-nobias", "logits_bwd-bf16-pair-reverse_kl"),
 }
 

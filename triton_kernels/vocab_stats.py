@@ -7,6 +7,9 @@ exist only as that tile).  On top of it:
 - `_vocab_stats_fwd_kernel`: per block of rows, an online (running-max) sweep over the vocabulary of
   one or two models -> lse, target log-probs, entropy, the KL accumulators; a second sweep only for
   the divergence kinds that need both normalizers first (jsd, tv, hellinger, chi2, alpha).
+- `_vocab_stats_split_kernel` + `_vocab_stats_merge_kernel`: the same sweeps (same helpers) with the
+  vocabulary split across programs when the rows alone cannot fill the GPU (fused-linear path;
+  docs/gpu.md): partial accumulators per (row block, vocab range), merged in a fixed order.
 - `_vocab_grad_kernel`: a 2-D grid over (row block, vocab block) that recomputes the tile and writes
   dL/dlogits from the per-row stats and upstream gradients.
 
@@ -687,11 +690,11 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, k
     """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored.
 
     ``num_splits``: how many vocab ranges the rows' sweeps are split into (None: ``choose_num_splits``
-    from N, V and the device's SM count).  It is rounded down to whole, non-empty ranges of vocab
-    tiles; 1 runs ``_vocab_stats_fwd_kernel`` (each program sweeps the whole vocabulary).  S > 1 runs
-    ``_vocab_stats_split_kernel`` on row blocks x S programs into a fp32 workspace [S, N, 8] and
-    ``_vocab_stats_merge_kernel`` (and, for kinds >= JSD, both again for the second sweep); the
-    result equals S = 1 up to fp32 round-off of the summation order.
+    from N, V and the device's SM count).  Capped at the number of vocab tiles and lowered so that
+    every range is a non-empty run of whole tiles.  1 runs ``_vocab_stats_fwd_kernel`` (each program
+    sweeps the whole vocabulary).  S > 1 runs ``_vocab_stats_split_kernel`` on row blocks x S programs
+    into a fp32 workspace [S, N, 8] and ``_vocab_stats_merge_kernel`` (and, for kinds >= JSD, both
+    again for the second sweep); the result equals S = 1 up to fp32 round-off of the summation order.
     """
     _check_dtype(ha)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
@@ -714,25 +717,26 @@ def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, k
         num_splits = triton.cdiv(tiles, tiles_per_split)  # no empty split
     dummy = ha
     two = hb is not None
-    models = (ha, wa, bias_a if bias_a is not None else dummy, hb if two else dummy, wb if two else dummy,
-              bias_b if bias_b is not None else dummy, targets if targets is not None else dummy, stats)
+    tgt = targets if targets is not None else dummy
+    operands = (ha, wa, bias_a if bias_a is not None else dummy, hb if two else dummy, wb if two else dummy,
+                bias_b if bias_b is not None else dummy, tgt, stats)
     floats = (*map(float, logit_map), float(beta), float(alpha))
-    switches = dict(HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None, HAS_T=targets is not None,
-                    KIND=int(kind), NEED_ENT=bool(need_entropy))
+    switches = dict(HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
+                    HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy))
     blocks = dict(DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two))
     db = hb.shape[1] if two else 0
     if num_splits <= 1:
-        _vocab_stats_fwd_kernel[(row_blocks,)](dummy, dummy, *models, n, v, d, db, 0, 0, *floats, LINEAR=True,
+        _vocab_stats_fwd_kernel[(row_blocks,)](dummy, dummy, *operands, n, v, d, db, 0, 0, *floats, LINEAR=True,
                                                **switches, **blocks)
         return stats
     parts = torch.empty((num_splits, n, PART_COLS), dtype=torch.float32, device=ha.device)
     merge_switches = {k: switches[k] for k in ("HAS_B", "HAS_T", "KIND", "NEED_ENT")}
     for sweep in ((1, 2) if int(kind) >= Kind.JSD else (1,)):
         _vocab_stats_split_kernel[(row_blocks * num_splits,)](
-            *models, parts, n, v, d, db, num_splits, tiles_per_split, *floats, **switches, SWEEP=sweep,
+            *operands, parts, n, v, d, db, num_splits, tiles_per_split, *floats, **switches, SWEEP=sweep,
             GROUP_ROWS=SPLIT_GROUP_ROWS, **blocks)
         _vocab_stats_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_N),)](
-            models[6], stats, parts, n, v, num_splits, **merge_switches, SWEEP=sweep, BLOCK_N=MERGE_BLOCK_N)
+            tgt, stats, parts, n, v, num_splits, **merge_switches, SWEEP=sweep, BLOCK_N=MERGE_BLOCK_N)
     return stats
 
 
