@@ -163,3 +163,32 @@ def test_choose_num_splits(monkeypatch):
     assert vs.choose_num_splits(16384, head_v, head_d, 0, h200) == 1  # the headline shape: unchanged
     assert vs.choose_num_splits(64, 128 * 20, head_d, 0, h200) == 2  # each split >= MIN_TILES_PER_SPLIT tiles
     assert vs.choose_num_splits(64, 128 * 15, head_d, 0, h200) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pair,kind", [(False, Kind.NONE), (True, Kind.REVERSE_KL), (True, Kind.JSD)])
+def test_split_chosen_on_gpu_bf16(pair, kind):
+    """bf16 on the GPU with the split the launcher chooses (S > 1: few rows, 4000 columns) vs float64
+    (tolerance 1e-3 as the other bf16 stats tests) and vs S = 1 (1e-5)."""
+    vs = _vs()
+    n, d, v = 300, 64, 4000
+    assert vs.choose_num_splits(n, v, d, kind, torch.cuda.get_device_properties(0).multi_processor_count) > 1
+    g = torch.Generator().manual_seed(31)
+    ha, wa, hb, wb = (torch.randn(*shape, generator=g, dtype=torch.float64).bfloat16().double()
+                      for shape in ((n, d), (v, d), (n, d), (v, d)))
+    wa, wb = wa / d ** 0.5, wb / d ** 0.5
+    if not pair:
+        hb = wb = None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[[0, 7]] = -1
+    on = lambda x: x.to("cuda", torch.bfloat16) if x is not None else None  # noqa: E731
+    lm = LogitMap(1.0, 0.0, 1.0, 0.0)
+    args = (on(ha), on(wa), None, on(hb), on(wb), None, targets.cuda(), lm, kind, BETA, ALPHA, True)
+    auto = vs.linear_vocab_stats_fwd(*args).cpu().double()
+    one = vs.linear_vocab_stats_fwd(*args, num_splits=1).cpu().double()
+    za = ha @ wa.T
+    zb = hb @ wb.T if pair else None
+    ref = torch.stack(ref_quantities(za, zb, targets, lm, kind, BETA, ALPHA), -1) * (targets >= 0).double()[:, None]
+    assert_close(auto[:, REF_COLS], ref, 1e-3, "auto split vs float64")
+    assert_close(auto, one, SPLIT_TOL, "auto split vs S=1")
