@@ -42,6 +42,9 @@ from onepass._dispatch import launcher
 
 #: The headline shape of the fused-linear op (docs/vocab_stats.md); meta tensors cost nothing.
 HEAD_N, HEAD_D, HEAD_V = 16384, 4096, 151936
+#: Rows of the split-vocabulary forward variants (too few to fill the GPU: the launcher splits V) and
+#: the SM count their split is chosen for (H200, H100 SXM).
+SPLIT_N, SPLIT_SMS = 2048, 132
 #: Sinkhorn group size and the advantages batch used for their variants.
 SINKHORN_G, ADV_GROUPS, ADV_GROUP_SIZE = 64, 1024, 16
 #: Largest dynamic shared memory a block can opt into, bytes (CUDA programming guide, per arch).
@@ -73,14 +76,14 @@ def _torch_dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
 
 
-def _linear_inputs(dtype: str, pair: bool, bias: bool):
+def _linear_inputs(dtype: str, pair: bool, bias: bool, n: int = HEAD_N):
     import torch
     dt = _torch_dtype(dtype)
-    h, w = _meta(HEAD_N, HEAD_D, dtype=dt), _meta(HEAD_V, HEAD_D, dtype=dt)
+    h, w = _meta(n, HEAD_D, dtype=dt), _meta(HEAD_V, HEAD_D, dtype=dt)
     b = _meta(HEAD_V, dtype=dt) if bias else None
-    hb, wb, bb = (_meta(HEAD_N, HEAD_D, dtype=dt), _meta(HEAD_V, HEAD_D, dtype=dt),
+    hb, wb, bb = (_meta(n, HEAD_D, dtype=dt), _meta(HEAD_V, HEAD_D, dtype=dt),
                   _meta(HEAD_V, dtype=dt) if bias else None) if pair else (None, None, None)
-    targets = _meta(HEAD_N, dtype=torch.int64)
+    targets = _meta(n, dtype=torch.int64)
     return h, w, b, hb, wb, bb, targets
 
 
@@ -94,6 +97,16 @@ def _linear_fwd(dtype, pair, kind, bias):
         vs = launcher("vocab_stats", "triton")
         h, w, b, hb, wb, bb, t = _linear_inputs(dtype, pair, bias)
         return vs.linear_vocab_stats_fwd(h, w, b, hb, wb, bb, t, LogitMap(), kind, 0.5, 0.5, True)
+    return call
+
+
+def _linear_fwd_split(dtype, pair, kind, bias):
+    """The split-vocabulary forward at N = SPLIT_N: split sweep(s) and merge(s), S as on SPLIT_SMS SMs."""
+    def call():
+        vs = launcher("vocab_stats", "triton")
+        h, w, b, hb, wb, bb, t = _linear_inputs(dtype, pair, bias, SPLIT_N)
+        splits = vs.choose_num_splits(SPLIT_N, HEAD_V, HEAD_D, kind, SPLIT_SMS)
+        return vs.linear_vocab_stats_fwd(h, w, b, hb, wb, bb, t, LogitMap(), kind, 0.5, 0.5, True, num_splits=splits)
     return call
 
 
@@ -182,6 +195,7 @@ def full_matrix() -> list[Variant]:
             for bias in (False, True):
                 tag = f"{dtype}-{label}-{'bias' if bias else 'nobias'}"
                 out.append(Variant(f"linear_fwd-{tag}", dtype, _linear_fwd(dtype, pair, kind, bias)))
+                out.append(Variant(f"linear_fwd_split-{tag}", dtype, _linear_fwd_split(dtype, pair, kind, bias)))
                 out.append(Variant(f"linear_grad-{tag}", dtype, _linear_grad(dtype, pair, kind, bias, False)))
                 out.append(Variant(f"linear_bwd-{tag}", dtype, _linear_bwd(dtype, pair, kind, bias)))
                 if pair:
@@ -200,11 +214,12 @@ def full_matrix() -> list[Variant]:
 
 
 #: The CI subset (a few bf16 variants per target; ``--full`` compiles all of them): one and two models,
-#: one- and two-sweep divergence kinds, the logits and fused-linear paths, forward, dL/dlogits and the
-#: fused-linear backward (``linear_vocab_stats_bwd``, whose two-model form was the one spilling on sm_90).
+#: one- and two-sweep divergence kinds, the logits and fused-linear paths, forward (whole-vocabulary and
+#: split: both sweeps and merges), dL/dlogits and the fused-linear backward (``linear_vocab_stats_bwd``,
+#: whose two-model form was the one spilling on sm_90).
 SUBSET = {
-    90: ("linear_fwd-bf16-single-nobias", "linear_fwd-bf16-pair-jsd-bias", "linear_bwd-bf16-pair-reverse_kl-nobias",
-         "logits_fwd-bf16-pair-tv", "logits_bwd-bf16-single"),
+    90: ("linear_fwd-bf16-single-nobias", "linear_fwd-bf16-pair-jsd-bias", "linear_fwd_split-bf16-pair-jsd-bias",
+         "linear_bwd-bf16-pair-reverse_kl-nobias", "logits_fwd-bf16-pair-tv", "logits_bwd-bf16-single"),
     80: ("linear_fwd-bf16-pair-jsd-nobias", "linear_bwd-bf16-single-nobias", "logits_bwd-bf16-pair-reverse_kl"),
 }
 

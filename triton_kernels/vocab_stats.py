@@ -7,6 +7,9 @@ exist only as that tile).  On top of it:
 - `_vocab_stats_fwd_kernel`: per block of rows, an online (running-max) sweep over the vocabulary of
   one or two models -> lse, target log-probs, entropy, the KL accumulators; a second sweep only for
   the divergence kinds that need both normalizers first (jsd, tv, hellinger, chi2, alpha).
+- `_vocab_stats_split_kernel` + `_vocab_stats_merge_kernel`: the same sweeps (same helpers) with the
+  vocabulary split across programs when the rows alone cannot fill the GPU (fused-linear path;
+  docs/gpu.md): partial accumulators per (row block, vocab range), merged in a fixed order.
 - `_vocab_grad_kernel`: a 2-D grid over (row block, vocab block) that recomputes the tile and writes
   dL/dlogits from the per-row stats and upstream gradients.
 
@@ -14,6 +17,8 @@ Continuous hyperparameters (inverse temperature, beta, alpha) are runtime argume
 switches are `tl.constexpr`.  No autotuning: block sizes are picked by the launchers.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -217,9 +222,9 @@ def _lse(m, s):
 
 
 @triton.jit
-def _row_block(TGT, N, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows of this program (int64), their mask, targets (-1 when absent) and the live (not ignored) mask."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+def _row_block(TGT, N, block, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of row block ``block`` (int64), their mask, targets (-1 when absent) and the live (not ignored) mask."""
+    rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
     if HAS_T:
         y = tl.load(TGT + rows, mask=row_mask, other=-1)
@@ -231,17 +236,19 @@ def _row_block(TGT, N, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward: per-row stats.
+# Forward: per-row stats.  The two sweeps over a vocab range [v_lo, v_hi) are helpers shared by the
+# whole-vocabulary kernel and the split-vocabulary kernels; so are the finishing math and the store.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _vocab_stats_fwd_kernel(
-    A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS,
-    N, V, D, DB, stride_a, stride_b, inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
-    LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
-    HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    rows, row_mask, y, live = _row_block(TGT, N, HAS_T, BLOCK_N)
+def _online_sweep(A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, y, v_lo, v_hi, D, DB, stride_a, stride_b,
+                  inv_temp_a, softcap_a, inv_temp_b, softcap_b,
+                  LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+                  KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sweep 1 over the columns [v_lo, v_hi) (v_lo a multiple of BLOCK_V): the online accumulators
+    (m_a, s_a, t_a, y_a, m_b, s_b, y_b, k), each [BLOCK_N] fp32.  s, t and k are relative to their max
+    (t_a, and k of reverse KL, to m_a; k of forward KL to m_b); y_a, y_b are the target logits when the
+    target lies in the range, else 0."""
     zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_a = zeros + float("-inf")
     s_a = zeros
@@ -251,9 +258,9 @@ def _vocab_stats_fwd_kernel(
     s_b = zeros
     y_b = zeros
     k = zeros
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
+        col_mask = cols < v_hi
         a = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
                         LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
         m_a, s_a, scale_a, e_a = _online(m_a, s_a, a)
@@ -270,6 +277,14 @@ def _vocab_stats_fwd_kernel(
                 k = k * scale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), 1)
             if KIND == FORWARD_KL:
                 k = k * scale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), 1)
+    return m_a, s_a, t_a, y_a, m_b, s_b, y_b, k
+
+
+@triton.jit
+def _finish_online(m_a, s_a, t_a, m_b, s_b, k, HAS_B: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr):
+    """(lse_a, lse_b, entropy, div, sum_a, sum_b) from the sweep-1 accumulators of the whole vocabulary;
+    div, sum_a, sum_b are 0 for the kinds of the second sweep (kind >= JSD)."""
+    zeros = tl.zeros_like(m_a)
     lse_a = _lse(m_a, s_a)
     if HAS_B:
         lse_b = _lse(m_b, s_b)
@@ -288,21 +303,44 @@ def _vocab_stats_fwd_kernel(
     if KIND == FORWARD_KL:
         div = k / s_b - lse_b + lse_a
         sum_b = div
-    if KIND >= JSD:  # the kinds that need both normalizers first
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_mask = cols < V
-            la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
-                             LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
-            lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp_b, softcap_b,
-                             LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
-            phi, phi_a, phi_b = _phi(la, lb, tl.exp(la), tl.exp(lb), beta, alpha, KIND)
-            div += tl.sum(phi, 1)
-            sum_a += tl.sum(phi_a, 1)
-            sum_b += tl.sum(phi_b, 1)
-        # NaN policy: a row with a NaN logit or no finite logit has a NaN divergence (the φ terms
-        # guard p = q = 0 and would otherwise give 0 there)
-        div = tl.where((lse_a - lse_a == 0.0) & (lse_b - lse_b == 0.0), div, float("nan"))
+    return lse_a, lse_b, ent, div, sum_a, sum_b
+
+
+@triton.jit
+def _phi_sweep(A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, lse_a, lse_b, v_lo, v_hi, D, DB, stride_a, stride_b,
+               inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
+               LINEAR: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr, KIND: tl.constexpr,
+               DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sweep 2 (kinds >= JSD) over the columns [v_lo, v_hi) given both normalizers: Σφ, Σφ_a, Σφ_b [BLOCK_N]."""
+    zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    div = zeros
+    sum_a = zeros
+    sum_b = zeros
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < v_hi
+        la = _logit_tile(A, HA, WA, BIAS_A, rows, cols, live, col_mask, stride_a, D, inv_temp_a, softcap_a,
+                         LINEAR, HAS_BIAS_A, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_a[:, None]
+        lb = _logit_tile(B, HB, WB, BIAS_B, rows, cols, live, col_mask, stride_b, DB, inv_temp_b, softcap_b,
+                         LINEAR, HAS_BIAS_B, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D) - lse_b[:, None]
+        phi, phi_a, phi_b = _phi(la, lb, tl.exp(la), tl.exp(lb), beta, alpha, KIND)
+        div += tl.sum(phi, 1)
+        sum_a += tl.sum(phi_a, 1)
+        sum_b += tl.sum(phi_b, 1)
+    return div, sum_a, sum_b
+
+
+@triton.jit
+def _div_nan_policy(div, lse_a, lse_b):
+    # NaN policy of the second-sweep kinds: a row with a NaN logit or no finite logit has a NaN
+    # divergence (the φ terms guard p = q = 0 and would otherwise give 0 there)
+    return tl.where((lse_a - lse_a == 0.0) & (lse_b - lse_b == 0.0), div, float("nan"))
+
+
+@triton.jit
+def _store_stats(STATS, rows, row_mask, live, y, V, lse_a, lse_b, y_a, y_b, ent, div, sum_a, sum_b,
+                 HAS_T: tl.constexpr):
+    """Write the 8 stats of the rows (0 on ignored rows); see docs/vocab_stats.md."""
     out = STATS + rows * STATS_STRIDE
     tl.store(out + LSE_A, tl.where(live, lse_a, 0.0), mask=row_mask)
     tl.store(out + LSE_B, tl.where(live, lse_b, 0.0), mask=row_mask)
@@ -312,12 +350,174 @@ def _vocab_stats_fwd_kernel(
         tl.store(out + LOGP_A, tl.where(live, tl.where(in_range, y_a - lse_a, float("nan")), 0.0), mask=row_mask)
         tl.store(out + LOGP_B, tl.where(live, tl.where(in_range, y_b - lse_b, float("nan")), 0.0), mask=row_mask)
     else:
+        zeros = tl.zeros_like(lse_a)
         tl.store(out + LOGP_A, zeros, mask=row_mask)
         tl.store(out + LOGP_B, zeros, mask=row_mask)
     tl.store(out + ENTROPY, tl.where(live, ent, 0.0), mask=row_mask)
     tl.store(out + DIV, tl.where(live, div, 0.0), mask=row_mask)
     tl.store(out + SUM_A, tl.where(live, sum_a, 0.0), mask=row_mask)
     tl.store(out + SUM_B, tl.where(live, sum_b, 0.0), mask=row_mask)
+
+
+@triton.jit
+def _vocab_stats_fwd_kernel(
+    A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS,
+    N, V, D, DB, stride_a, stride_b, inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
+    LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
+    HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per row block, both sweeps over the whole vocabulary."""
+    rows, row_mask, y, live = _row_block(TGT, N, tl.program_id(0), HAS_T, BLOCK_N)
+    m_a, s_a, t_a, y_a, m_b, s_b, y_b, k = _online_sweep(
+        A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, y, 0, V, D, DB, stride_a, stride_b,
+        inv_temp_a, softcap_a, inv_temp_b, softcap_b, LINEAR, HAS_B, HAS_BIAS_A, HAS_BIAS_B, KIND, NEED_ENT, DOT_F32,
+        BLOCK_N, BLOCK_V, BLOCK_D)
+    lse_a, lse_b, ent, div, sum_a, sum_b = _finish_online(m_a, s_a, t_a, m_b, s_b, k, HAS_B, KIND, NEED_ENT)
+    if KIND >= JSD:  # the kinds that need both normalizers first
+        div, sum_a, sum_b = _phi_sweep(
+            A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, lse_a, lse_b, 0, V, D, DB, stride_a, stride_b,
+            inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha, LINEAR, HAS_BIAS_A, HAS_BIAS_B, KIND, DOT_F32,
+            BLOCK_N, BLOCK_V, BLOCK_D)
+        div = _div_nan_policy(div, lse_a, lse_b)
+    _store_stats(STATS, rows, row_mask, live, y, V, lse_a, lse_b, y_a, y_b, ent, div, sum_a, sum_b, HAS_T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward split across the vocabulary (fused-linear path, few rows): partial accumulators per
+# (row block, vocab split) into a fp32 workspace [S, N, PART_STRIDE], merged in split order.
+# ----------------------------------------------------------------------------------------------
+#: Columns of one partial-accumulator record; sweep 2 reuses the first three for (Σφ, Σφ_a, Σφ_b).
+PART_COLS = 8
+PART_STRIDE = tl.constexpr(PART_COLS)
+P_M_A, P_S_A, P_T_A, P_Y_A, P_M_B, P_S_B, P_Y_B, P_K = (tl.constexpr(c) for c in range(8))
+P_DIV, P_SUM_A, P_SUM_B = (tl.constexpr(c) for c in range(3))
+
+
+@triton.jit
+def _split_program(TGT, N, V, num_splits, tiles_per_split, HAS_T: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Map the 1-D program id to (rows..., split, v_lo, v_hi).  Programs come in groups of GROUP_ROWS
+    row blocks x num_splits splits, split-major inside a group: consecutive programs (those resident
+    together) take the same split of neighbouring row blocks, so they stream the same weight tiles
+    (L2 reuse of W) while their few hidden rows stay in L2 too."""
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_ROWS * num_splits
+    group = pid // per_group
+    first = group * GROUP_ROWS
+    rows_in_group = tl.minimum(row_blocks - first, GROUP_ROWS)
+    local = pid - group * per_group
+    split = local // rows_in_group
+    rows, row_mask, y, live = _row_block(TGT, N, first + local % rows_in_group, HAS_T, BLOCK_N)
+    v_lo = split * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    return rows, row_mask, y, live, split, v_lo, v_hi
+
+
+@triton.jit
+def _vocab_stats_split_kernel(
+    HA, WA, BIAS_A, HB, WB, BIAS_B, TGT, STATS, PARTS,
+    N, V, D, DB, num_splits, tiles_per_split, inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha,
+    HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr, HAS_T: tl.constexpr,
+    KIND: tl.constexpr, NEED_ENT: tl.constexpr, DOT_F32: tl.constexpr, SWEEP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (row block, vocab split).  SWEEP 1: the online accumulators of the split's
+    columns -> PARTS[split, rows, 0:8].  SWEEP 2 (kinds >= JSD, after the sweep-1 merge has written
+    lse_a, lse_b to STATS): the split's (Σφ, Σφ_a, Σφ_b) -> PARTS[split, rows, 0:3]."""
+    rows, row_mask, y, live, split, v_lo, v_hi = _split_program(TGT, N, V, num_splits, tiles_per_split, HAS_T,
+                                                                GROUP_ROWS, BLOCK_N, BLOCK_V)
+    part = PARTS + (split * N + rows) * PART_STRIDE
+    if SWEEP == 1:
+        m_a, s_a, t_a, y_a, m_b, s_b, y_b, k = _online_sweep(
+            HA, HB, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, y, v_lo, v_hi, D, DB, 0, 0,
+            inv_temp_a, softcap_a, inv_temp_b, softcap_b, True, HAS_B, HAS_BIAS_A, HAS_BIAS_B, KIND, NEED_ENT,
+            DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)
+        tl.store(part + P_M_A, m_a, mask=row_mask)
+        tl.store(part + P_S_A, s_a, mask=row_mask)
+        tl.store(part + P_T_A, t_a, mask=row_mask)
+        tl.store(part + P_Y_A, y_a, mask=row_mask)
+        tl.store(part + P_M_B, m_b, mask=row_mask)
+        tl.store(part + P_S_B, s_b, mask=row_mask)
+        tl.store(part + P_Y_B, y_b, mask=row_mask)
+        tl.store(part + P_K, k, mask=row_mask)
+    else:
+        st = STATS + rows * STATS_STRIDE
+        lse_a = tl.load(st + LSE_A, mask=row_mask, other=0.0)
+        lse_b = tl.load(st + LSE_B, mask=row_mask, other=0.0)
+        div, sum_a, sum_b = _phi_sweep(
+            HA, HB, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, lse_a, lse_b, v_lo, v_hi, D, DB, 0, 0,
+            inv_temp_a, softcap_a, inv_temp_b, softcap_b, beta, alpha, True, HAS_BIAS_A, HAS_BIAS_B, KIND, DOT_F32,
+            BLOCK_N, BLOCK_V, BLOCK_D)
+        tl.store(part + P_DIV, div, mask=row_mask)
+        tl.store(part + P_SUM_A, sum_a, mask=row_mask)
+        tl.store(part + P_SUM_B, sum_b, mask=row_mask)
+
+
+@triton.jit
+def _merge_max(m, s, m_i, s_i):
+    """Merge two (max, Σexp(x − max)) pairs; also returns the rescale factors of each side's sums."""
+    m_new = tl.maximum(m, m_i)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    c = tl.exp(m - m_safe)
+    c_i = tl.exp(m_i - m_safe)
+    return m_new, s * c + s_i * c_i, c, c_i
+
+
+@triton.jit
+def _vocab_stats_merge_kernel(
+    TGT, STATS, PARTS, N, V, num_splits,
+    HAS_B: tl.constexpr, HAS_T: tl.constexpr, KIND: tl.constexpr, NEED_ENT: tl.constexpr, SWEEP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Merge the partials of PARTS [num_splits, N, PART_STRIDE] in split order (deterministic) and write
+    the stats contract.  SWEEP 1: rescale each split's sums by exp(m_i − m) and add; every stat (div,
+    sum_a, sum_b are those of kinds < JSD, 0 otherwise).  SWEEP 2: add the φ sums; div, sum_a, sum_b."""
+    rows, row_mask, y, live = _row_block(TGT, N, tl.program_id(0), HAS_T, BLOCK_N)
+    zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if SWEEP == 1:
+        m_a = zeros + float("-inf")
+        s_a = zeros
+        t_a = zeros
+        y_a = zeros
+        m_b = zeros + float("-inf")
+        s_b = zeros
+        y_b = zeros
+        k = zeros
+        for i in range(num_splits):
+            part = PARTS + (i * N + rows) * PART_STRIDE
+            m_a, s_a, c_a, c_ai = _merge_max(m_a, s_a, tl.load(part + P_M_A, mask=row_mask, other=float("-inf")),
+                                             tl.load(part + P_S_A, mask=row_mask, other=0.0))
+            y_a += tl.load(part + P_Y_A, mask=row_mask, other=0.0)
+            if NEED_ENT:
+                t_a = t_a * c_a + tl.load(part + P_T_A, mask=row_mask, other=0.0) * c_ai
+            if HAS_B:
+                m_b, s_b, c_b, c_bi = _merge_max(m_b, s_b,
+                                                 tl.load(part + P_M_B, mask=row_mask, other=float("-inf")),
+                                                 tl.load(part + P_S_B, mask=row_mask, other=0.0))
+                y_b += tl.load(part + P_Y_B, mask=row_mask, other=0.0)
+                if KIND == REVERSE_KL:
+                    k = k * c_a + tl.load(part + P_K, mask=row_mask, other=0.0) * c_ai
+                if KIND == FORWARD_KL:
+                    k = k * c_b + tl.load(part + P_K, mask=row_mask, other=0.0) * c_bi
+        lse_a, lse_b, ent, div, sum_a, sum_b = _finish_online(m_a, s_a, t_a, m_b, s_b, k, HAS_B, KIND, NEED_ENT)
+        _store_stats(STATS, rows, row_mask, live, y, V, lse_a, lse_b, y_a, y_b, ent, div, sum_a, sum_b, HAS_T)
+    else:
+        div = zeros
+        sum_a = zeros
+        sum_b = zeros
+        for i in range(num_splits):
+            part = PARTS + (i * N + rows) * PART_STRIDE
+            div += tl.load(part + P_DIV, mask=row_mask, other=0.0)
+            sum_a += tl.load(part + P_SUM_A, mask=row_mask, other=0.0)
+            sum_b += tl.load(part + P_SUM_B, mask=row_mask, other=0.0)
+        st = STATS + rows * STATS_STRIDE
+        div = _div_nan_policy(div, tl.load(st + LSE_A, mask=row_mask, other=0.0),
+                              tl.load(st + LSE_B, mask=row_mask, other=0.0))
+        tl.store(st + DIV, tl.where(live, div, 0.0), mask=row_mask)
+        tl.store(st + SUM_A, tl.where(live, sum_a, 0.0), mask=row_mask)
+        tl.store(st + SUM_B, tl.where(live, sum_b, 0.0), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +531,7 @@ def _vocab_grad_kernel(
     HAS_T: tl.constexpr, KIND: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows, row_mask, y, live = _row_block(TGT, N, HAS_T, BLOCK_N)
+    rows, row_mask, y, live = _row_block(TGT, N, tl.program_id(0), HAS_T, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     col_mask = cols < V
     st = STATS + rows * STATS_STRIDE
@@ -458,26 +658,85 @@ def _dot_f32(h: torch.Tensor) -> bool:
     return h.dtype == torch.float32 or _interpreting()
 
 
-def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha, need_entropy):
-    """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored."""
+#: Split choice of the fused-linear forward (``choose_num_splits``): resident programs wanted per SM,
+#: vocab tiles each split keeps at least, and row blocks per group of the split program order.
+PROGRAMS_PER_SM = 2
+MIN_TILES_PER_SPLIT = 8
+SPLIT_GROUP_ROWS = 8
+#: Rows per program of the merge kernel.
+MERGE_BLOCK_N = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (queried at the first call, cached per device)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(n: int, v: int, d: int, kind: int, sm_count: int | None) -> int:
+    """Vocab splits S of the fused-linear forward of n rows, vocabulary v, hidden size d: 1 (the whole
+    vocabulary per program) when there is no SM count (interpreter, meta tensors) or the row blocks
+    alone give every SM a program; else enough splits for ``PROGRAMS_PER_SM`` programs per SM, each
+    split at least ``MIN_TILES_PER_SPLIT`` vocab tiles."""
+    block_n, block_v, _ = _blocks_linear(d, int(kind))
+    row_blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    if sm_count is None or row_blocks >= sm_count:
+        return 1
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sm_count, row_blocks), tiles // MIN_TILES_PER_SPLIT))
+
+
+def linear_vocab_stats_fwd(ha, wa, bias_a, hb, wb, bias_b, targets, logit_map, kind, beta, alpha, need_entropy,
+                           num_splits=None):
+    """Per-row stats [N, NUM_STATS] of logits ha @ wa.T (+ bias_a) (and hb @ wb.T (+ bias_b)), never stored.
+
+    ``num_splits``: how many vocab ranges the rows' sweeps are split into (None: ``choose_num_splits``
+    from N, V and the device's SM count).  Capped at the number of vocab tiles and lowered so that
+    every range is a non-empty run of whole tiles.  1 runs ``_vocab_stats_fwd_kernel`` (each program
+    sweeps the whole vocabulary).  S > 1 runs ``_vocab_stats_split_kernel`` on row blocks x S programs
+    into a fp32 workspace [S, N, 8] and ``_vocab_stats_merge_kernel`` (and, for kinds >= JSD, both
+    again for the second sweep); the result equals S = 1 up to fp32 round-off of the summation order.
+    """
     _check_dtype(ha)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     n, d = ha.shape
     v = wa.shape[0]
     stats = _empty_stats(n, ha.device)
     if n == 0:
         return stats
     block_n, block_v, block_d = _blocks_linear(d, int(kind))
+    row_blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(v, block_v)
+    if num_splits is None:
+        sm_count = _sm_count(ha.device.index if ha.device.index is not None else torch.cuda.current_device()) \
+            if ha.device.type == "cuda" else None
+        num_splits = choose_num_splits(n, v, d, kind, sm_count)
+    num_splits = min(num_splits, tiles)
+    if num_splits > 1:
+        tiles_per_split = triton.cdiv(tiles, num_splits)
+        num_splits = triton.cdiv(tiles, tiles_per_split)  # no empty split
     dummy = ha
     two = hb is not None
-    _vocab_stats_fwd_kernel[(triton.cdiv(n, block_n),)](
-        dummy, dummy, ha, wa, bias_a if bias_a is not None else dummy,
-        hb if two else dummy, wb if two else dummy, bias_b if bias_b is not None else dummy,
-        targets if targets is not None else dummy, stats,
-        n, v, d, hb.shape[1] if two else 0, 0, 0, *map(float, logit_map), float(beta), float(alpha),
-        LINEAR=True, HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
-        HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy), DOT_F32=_dot_f32(ha),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two),
-    )
+    tgt = targets if targets is not None else dummy
+    operands = (ha, wa, bias_a if bias_a is not None else dummy, hb if two else dummy, wb if two else dummy,
+                bias_b if bias_b is not None else dummy, tgt, stats)
+    floats = (*map(float, logit_map), float(beta), float(alpha))
+    switches = dict(HAS_B=two, HAS_BIAS_A=bias_a is not None, HAS_BIAS_B=bias_b is not None,
+                    HAS_T=targets is not None, KIND=int(kind), NEED_ENT=bool(need_entropy))
+    blocks = dict(DOT_F32=_dot_f32(ha), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=_num_warps(two))
+    db = hb.shape[1] if two else 0
+    if num_splits <= 1:
+        _vocab_stats_fwd_kernel[(row_blocks,)](dummy, dummy, *operands, n, v, d, db, 0, 0, *floats, LINEAR=True,
+                                               **switches, **blocks)
+        return stats
+    parts = torch.empty((num_splits, n, PART_COLS), dtype=torch.float32, device=ha.device)
+    merge_switches = {k: switches[k] for k in ("HAS_B", "HAS_T", "KIND", "NEED_ENT")}
+    for sweep in ((1, 2) if int(kind) >= Kind.JSD else (1,)):
+        _vocab_stats_split_kernel[(row_blocks * num_splits,)](
+            *operands, parts, n, v, d, db, num_splits, tiles_per_split, *floats, **switches, SWEEP=sweep,
+            GROUP_ROWS=SPLIT_GROUP_ROWS, **blocks)
+        _vocab_stats_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_N),)](
+            tgt, stats, parts, n, v, num_splits, **merge_switches, SWEEP=sweep, BLOCK_N=MERGE_BLOCK_N)
     return stats
 
 
