@@ -659,7 +659,9 @@ OP_NOINLINE void sweep2(const T* __restrict ar, const T* __restrict br, int64_t 
 
 template <class T, class A, int MODE, bool ENT, int KIND>
 void fwd_impl(const T* a, const T* b, const int64_t* tg, A* stats, int64_t N, int64_t V, const Params<A>& P) {
-#pragma omp parallel for schedule(static)
+// Rows in small dynamic chunks: with static halves, a thread that shares its core with another process
+// holds back the whole sweep (benchmarks/results/2026-12-01-cpu-2core-main-job-loaded).
+#pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r = 0; r < N; ++r) {
     A* st = stats + r * kNumStats;
     const int64_t y = tg ? tg[r] : -1;
@@ -791,7 +793,9 @@ OP_NOINLINE void bwd_row(const T* __restrict ar, const T* __restrict br, int64_t
 template <class T, class A, int KIND, bool HAS_B>
 void bwd_impl(const T* a, const T* b, const int64_t* tg, const A* stats, const A* grads, T* ga, T* gb, int64_t N,
               int64_t V, const Params<A>& P) {
-#pragma omp parallel for schedule(static)
+// Rows in small dynamic chunks: with static halves, a thread that shares its core with another process
+// holds back the whole sweep (benchmarks/results/2026-12-01-cpu-2core-main-job-loaded).
+#pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r = 0; r < N; ++r) {
     const int64_t off = r * V;
     const int64_t y = tg ? tg[r] : -1;
