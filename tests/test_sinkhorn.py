@@ -272,3 +272,63 @@ def test_bad_inputs():
         sinkhorn_distance(a[0], b[0])
     with pytest.raises(ValueError, match="backend"):
         sinkhorn_distance(a, b, backend="nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# The cpu backend's tiling: odd group sizes around the vector widths, several row blocks per group,
+# several vocabulary slices (partial cost planes), vocab chunks with a tail, one side without grad.
+# ----------------------------------------------------------------------------------------------
+CPU_TILING = [(20, 20, 5003), (37, 37, 301), (150, 150, 300), (45, 16, 999), (33, 17, 2500)]  # (N, G, V)
+
+
+@pytest.mark.skipif("cpu" not in F64_BACKENDS, reason="the compiled cpu backend is not built")
+@pytest.mark.parametrize("n,g,v", CPU_TILING)
+@pytest.mark.parametrize("need", ["both", "student", "teacher"])
+def test_cpu_tiling_float64(n, g, v, need):
+    a = _logits(n, v, torch.float64, device="cpu").requires_grad_(need in ("both", "student"))
+    b = _logits(n, v, torch.float64, device="cpu").requires_grad_(need in ("both", "teacher"))
+    kw = dict(group_size=g, temperature=1.7, epsilon=0.2, n_iters=6)
+    got = sinkhorn_distance(a, b, backend="cpu", **kw)
+    want = ref_sinkhorn(a, b, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    leaves = [x for x in (a, b) if x.requires_grad]
+    for gg, ww in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(gg, ww, rtol=1e-8, atol=1e-13)
+
+
+@pytest.mark.skipif("cpu" not in F64_BACKENDS, reason="the compiled cpu backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_tiling_low_precision(dtype):
+    n, g, v = 33, 17, 2500
+    a, b = _logits(n, v, dtype, device="cpu").requires_grad_(), _logits(n, v, dtype, device="cpu").requires_grad_()
+    kw = dict(group_size=g, temperature=1.7, epsilon=0.2, n_iters=6)
+    got = sinkhorn_distance(a, b, backend="cpu", **kw)
+    ga, gb = torch.autograd.grad(got, (a, b))
+    assert got.dtype == torch.float32 and ga.dtype == dtype and gb.dtype == dtype
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    want = ref_sinkhorn(a64, b64, **kw)
+    wa, wb = torch.autograd.grad(want, (a64, b64))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
+    scale = max(wa.abs().max(), wb.abs().max())  # dL/dz is ~p-sized: compare against the largest entry
+    gtol = 2e-4 if dtype == torch.float32 else 1e-2
+    assert (ga.double() - wa).abs().max() <= gtol * scale
+    assert (gb.double() - wb).abs().max() <= gtol * scale
+
+
+@pytest.mark.skipif("cpu" not in F64_BACKENDS, reason="the compiled cpu backend is not built")
+def test_cpu_l1_planes_float64():
+    """The cost kernel's three planes (C, A, B) against their definitions, with ties p = q in some rows."""
+    n, g, v = 21, 10, 4500
+    a = _logits(n, v, torch.float64, device="cpu")
+    b = _logits(n, v, torch.float64, device="cpu")
+    b[3] = a[3]  # exact ties (sign(0) = 0) on the diagonal of the first group
+    planes, lse = torch.ops.onepass.sinkhorn_cost(a, b, torch.tensor([0.8], dtype=torch.float64), g, 0, "cpu")
+    p, q = torch.softmax(a * 0.8, -1), torch.softmax(b * 0.8, -1)
+    torch.testing.assert_close(lse, torch.stack([torch.logsumexp(a * 0.8, -1), torch.logsumexp(b * 0.8, -1)]))
+    for s in range(0, n, g):
+        ps, qs = p[s:s + g], q[s:s + g]
+        m = ps.shape[0]
+        d = ps[:, None, :] - qs[None, :, :]
+        want = torch.stack([d.abs().sum(-1), (ps[:, None, :] * d.sign()).sum(-1), (qs[None, :, :] * (-d).sign()).sum(-1)])
+        torch.testing.assert_close(planes[:, s:s + m, :m], want, rtol=1e-11, atol=1e-14)
+        assert (planes[:, s:s + m, m:] == 0).all()

@@ -191,3 +191,13 @@ def sinkhorn_grad(x: torch.Tensor, y: torch.Tensor, lse_x: torch.Tensor, lse_y: 
         x, y, lse_x, lse_y, gm, sx, rsx, out, n, v, g, n_ib, x.stride(0), y.stride(0), float(inv_temp),
         KIND=int(kind), BLOCK_I=bi, BLOCK_J=bj, BLOCK_V=bv)
     return out
+
+
+def sinkhorn_grads(a: torch.Tensor, b: torch.Tensor, lse_a: torch.Tensor, lse_b: torch.Tensor, gm: torch.Tensor,
+                   gm_t: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, inv_temp: float, group_size: int, kind: int,
+                   need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/da, dL/db): one ``sinkhorn_grad`` sweep per needed side (the teacher side on gm_t)."""
+    ga = sinkhorn_grad(a, b, lse_a, lse_b, gm, sa, gm.sum(1), inv_temp, group_size, kind) if need_a else a.new_empty(0)
+    gb = (sinkhorn_grad(b, a, lse_b, lse_a, gm_t, sb, gm_t.sum(1), inv_temp, group_size, kind) if need_b
+          else b.new_empty(0))
+    return ga, gb

@@ -11,8 +11,10 @@ stats dtype, ``kind`` a ``_contract.Cost``:
 - ``sinkhorn_cost(a, b, lse_a, lse_b, inv_temp, group_size, kind) -> planes [3, N, G]`` = (C, A, B)
   with A_ij = Σ_v p_iv dC_ij/dp_iv and B_ij = Σ_v q_jv dC_ij/dq_jv (the softmax-Jacobian means of the
   backward, without another sweep);
-- ``sinkhorn_grad(x, y, lse_x, lse_y, gm, sx, rsx, inv_temp, group_size, kind) -> dL/dx`` [N, V]: one
-  side of the backward; the teacher side passes (b, a) and the transposed upstream matrix.
+- ``sinkhorn_grads(a, b, lse_a, lse_b, gm, gm_t, sa, sb, inv_temp, group_size, kind, need_a, need_b)
+  -> (dL/da, dL/db)`` [N, V] in the input dtype (an empty tensor for a side that is not needed), from the
+  banded upstream gm = dL/dC [N, G], its per-group transpose gm_t and the per-row means
+  sa_i = Σ_j gm_ij A_ij, sb_j = Σ_i gm_ij B_ij (both sides may be computed in one sweep).
 
 The custom ops take 1/T as a float64 CPU tensor ``hyper`` [1] (read back with ``.item()`` inside the op,
 so the launchers get a Python float): under torch.compile a new temperature is a new input, not a
@@ -73,20 +75,13 @@ def _sinkhorn_cost_backward_op(a: torch.Tensor, b: torch.Tensor, lse: torch.Tens
                            need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/da, dL/db) in the input dtype from the banded upstream dL/dC [N, G] (an empty tensor for a
     side that is not needed)."""
-    inv_temp = hyper.item()
     g = int(group_size)
-    mod = launcher(FAMILY, backend)
-
-    def side(x, y, lse_x, lse_y, gm, chain):
-        sx = (gm * chain).sum(1).contiguous()
-        return mod.sinkhorn_grad(x, y, lse_x.contiguous(), lse_y.contiguous(), gm, sx, gm.sum(1).contiguous(),
-                                 inv_temp, g, kind)
-
-    gc = grad_cost.to(planes.dtype).contiguous()
-    ga = side(a, b, lse[0], lse[1], gc, planes[1]) if need_a else a.new_empty(0)
-    gb = (side(b, a, lse[1], lse[0], band_transpose(gc, g), band_transpose(planes[2], g)) if need_b
-          else b.new_empty(0))
-    return ga, gb
+    gm = grad_cost.to(planes.dtype).contiguous()
+    gm_t = band_transpose(gm, g)
+    sa = (gm * planes[1]).sum(1)  # <dL/dp_i, p_i>
+    sb = band_transpose(gm * planes[2], g).sum(1)  # <dL/dq_j, q_j>
+    return launcher(FAMILY, backend).sinkhorn_grads(a, b, lse[0].contiguous(), lse[1].contiguous(), gm, gm_t, sa, sb,
+                                                    hyper.item(), g, kind, need_a, need_b)
 
 
 @_sinkhorn_cost_backward_op.register_fake

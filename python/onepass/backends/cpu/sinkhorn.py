@@ -110,12 +110,17 @@ def sinkhorn_cost(a, b, lse_a, lse_b, inv_temp, group_size, kind):
     return out
 
 
-def sinkhorn_grad(x, y, lse_x, lse_y, gm, sx, rsx, inv_temp, group_size, kind):
+def sinkhorn_grads(a, b, lse_a, lse_b, gm, gm_t, sa, sb, inv_temp, group_size, kind, need_a, need_b):
     g = int(group_size)
     if kind != Cost.L1:
-        return _gemm_grad_torch(x, y, lse_x, lse_y, gm, sx, rsx, inv_temp, g, kind)
-    n, v = x.shape
-    out = torch.empty_like(x)
-    compiled_module().sinkhorn_l1_grad(ptr(x), ptr(y), ptr(lse_x), ptr(lse_y), ptr(gm), ptr(sx), ptr(out), n, v, g,
-                                       float(inv_temp), dtype_code(x))
-    return out
+        ga = _gemm_grad_torch(a, b, lse_a, lse_b, gm, sa, gm.sum(1), inv_temp, g, kind) if need_a else a.new_empty(0)
+        gb = (_gemm_grad_torch(b, a, lse_b, lse_a, gm_t, sb, gm_t.sum(1), inv_temp, g, kind) if need_b
+              else b.new_empty(0))
+        return ga, gb
+    n, v = a.shape
+    ga = torch.empty_like(a) if need_a else a.new_empty(0)
+    gb = torch.empty_like(b) if need_b else b.new_empty(0)
+    compiled_module().sinkhorn_l1_grads(ptr(a), ptr(b), ptr(lse_a), ptr(lse_b), ptr(gm), ptr(sa), ptr(sb),
+                                        ptr(ga) if need_a else 0, ptr(gb) if need_b else 0, n, v, g, float(inv_temp),
+                                        dtype_code(a))
+    return ga, gb
