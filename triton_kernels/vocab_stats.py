@@ -240,6 +240,13 @@ def _row_block(TGT, N, block, HAS_T: tl.constexpr, BLOCK_N: tl.constexpr):
 # whole-vocabulary kernel and the split-vocabulary kernels; so are the finishing math and the store.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _fresh_accumulators(BLOCK_N: tl.constexpr):
+    """The sweep-1 accumulators (m_a, s_a, t_a, y_a, m_b, s_b, y_b, k) of no column yet: maxima −inf, sums 0."""
+    zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return zeros + float("-inf"), zeros, zeros, zeros, zeros + float("-inf"), zeros, zeros, zeros
+
+
+@triton.jit
 def _online_sweep(A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, y, v_lo, v_hi, D, DB, stride_a, stride_b,
                   inv_temp_a, softcap_a, inv_temp_b, softcap_b,
                   LINEAR: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS_A: tl.constexpr, HAS_BIAS_B: tl.constexpr,
@@ -249,15 +256,7 @@ def _online_sweep(A, B, HA, WA, BIAS_A, HB, WB, BIAS_B, rows, live, y, v_lo, v_h
     (m_a, s_a, t_a, y_a, m_b, s_b, y_b, k), each [BLOCK_N] fp32.  s, t and k are relative to their max
     (t_a, and k of reverse KL, to m_a; k of forward KL to m_b); y_a, y_b are the target logits when the
     target lies in the range, else 0."""
-    zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    m_a = zeros + float("-inf")
-    s_a = zeros
-    t_a = zeros
-    y_a = zeros
-    m_b = zeros + float("-inf")
-    s_b = zeros
-    y_b = zeros
-    k = zeros
+    m_a, s_a, t_a, y_a, m_b, s_b, y_b, k = _fresh_accumulators(BLOCK_N)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < v_hi
@@ -477,14 +476,7 @@ def _vocab_stats_merge_kernel(
     rows, row_mask, y, live = _row_block(TGT, N, tl.program_id(0), HAS_T, BLOCK_N)
     zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if SWEEP == 1:
-        m_a = zeros + float("-inf")
-        s_a = zeros
-        t_a = zeros
-        y_a = zeros
-        m_b = zeros + float("-inf")
-        s_b = zeros
-        y_b = zeros
-        k = zeros
+        m_a, s_a, t_a, y_a, m_b, s_b, y_b, k = _fresh_accumulators(BLOCK_N)
         for i in range(num_splits):
             part = PARTS + (i * N + rows) * PART_STRIDE
             m_a, s_a, c_a, c_ai = _merge_max(m_a, s_a, tl.load(part + P_M_A, mask=row_mask, other=float("-inf")),
